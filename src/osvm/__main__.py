@@ -1,0 +1,3 @@
+from osvm.cli.main import main
+
+raise SystemExit(main())

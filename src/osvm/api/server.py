@@ -1,0 +1,269 @@
+"""The control API: JSON over HTTP on a Unix socket that only root (the socket's owner) can open.
+
+Every error has one shape: {"error": {"message": "...", ...}} with an HTTP status that fits.
+"""
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from osvm import __version__
+from osvm.config.load import ConfigError, issues_from_validation_error
+from osvm.config.models import Deployment
+from osvm.logs.files import follow_log, read_logs
+from osvm.reconcile.reconciler import REMOVED, RUNNING, STOPPED, ApplyError
+
+if TYPE_CHECKING:
+    from osvm.daemon.daemon import Daemon
+
+logger = logging.getLogger("osvm.api")
+
+SOCKET_MODE = 0o600
+
+
+def error_response(status: int, message: str, **details: Any) -> web.Response:
+    return web.json_response({"error": {"message": message, **details}}, status=status)
+
+
+class ApiServer:
+    """HTTP handlers over the daemon's reconciler, store and event bus."""
+
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon
+        self.app = web.Application(middlewares=[self._errors])
+        self.app.add_routes(
+            [
+                web.get("/v1/ping", self.ping),
+                web.post("/v1/apply", self.apply),
+                web.get("/v1/status", self.status),
+                web.post("/v1/components/{name}/start", self.start_component),
+                web.post("/v1/components/{name}/stop", self.stop_component),
+                web.post("/v1/components/{name}/restart", self.restart_component),
+                web.get("/v1/components/{name}/logs", self.logs),
+                web.get("/v1/components/{name}/revisions", self.revisions),
+                web.post("/v1/down", self.down),
+                web.get("/v1/events", self.events),
+                web.post("/v1/shutdown", self.shutdown),
+            ]
+        )
+        self._runner: web.AppRunner | None = None
+        self._socket: tuple[Path, int] | None = None
+
+    async def start(self, path: Path) -> None:
+        """Listen on the Unix socket at `path` with mode 0600."""
+        path.unlink(missing_ok=True)
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        old_umask = os.umask(0o177)
+        try:
+            site = web.UnixSite(self._runner, str(path))
+            await site.start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, SOCKET_MODE)
+        self._socket = (path, path.stat().st_ino)
+        logger.info("control API listening on %s", path)
+
+    async def stop(self) -> None:
+        """Close the listener and remove the socket file, unless another daemon has replaced it."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._socket is not None:
+            path, inode = self._socket
+            try:
+                if path.stat().st_ino == inode:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+
+    # --- handlers ----------------------------------------------------------------------------
+
+    async def ping(self, request: web.Request) -> web.Response:
+        runtime = self.daemon.runtime
+        return web.json_response(
+            {
+                "version": __version__,
+                "pid": os.getpid(),
+                "state_dir": str(self.daemon.state_dir),
+                "isolated": runtime.isolated,
+                "cgroup_layout": getattr(runtime, "cgroup_layout", None),
+                "started_at": self.daemon.started_at,
+            }
+        )
+
+    async def apply(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        file = body.get("file") or "request"
+        document = body.get("deployment")
+        try:
+            deployment = Deployment.model_validate(document)
+        except ValidationError as error:
+            config_error = ConfigError(file, issues_from_validation_error(error, document if isinstance(document, dict) else {}))
+            return error_response(422, str(config_error), **config_error.to_json())
+        try:
+            self.daemon.reconciler.check_applicable(deployment)
+        except ApplyError as error:
+            return error_response(422, str(error))
+        changes = self.daemon.reconciler.apply(deployment, file)
+        return web.json_response({"deployment": deployment.name, "changes": changes})
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.daemon.status())
+
+    async def start_component(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self._require_component(name)
+        component = self.daemon.store.component(name)
+        if component is not None and component.status in ("failed", "exited", "stopped"):
+            self.daemon.store.set_component_status(name, "pending", "start requested")
+        self.daemon.reconciler.set_desired(name, RUNNING)
+        return web.json_response({"component": name, "desired": RUNNING})
+
+    async def stop_component(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self._require_component(name)
+        self.daemon.reconciler.set_desired(name, STOPPED)
+        await self.daemon.reconciler.reconcile_once()
+        return web.json_response({"component": name, "desired": STOPPED})
+
+    async def restart_component(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self._require_component(name)
+        await self.daemon.reconciler.restart_component(name)
+        return web.json_response({"component": name, "desired": RUNNING})
+
+    async def down(self, request: web.Request) -> web.Response:
+        names = [record.name for record in self.daemon.store.components()]
+        for name in names:
+            self.daemon.store.set_desired(name, REMOVED)
+        await self.daemon.reconciler.reconcile_once()
+        self.daemon.events.publish("deployment.down", f"stopped and removed {len(names)} component(s)")
+        return web.json_response({"removed": names})
+
+    async def revisions(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self._require_component(name)
+        return web.json_response({"component": name, "revisions": self.daemon.store.revisions(name)})
+
+    async def logs(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        instance_id = request.query.get("instance")
+        instances = self.daemon.store.instances(name, limit=1000)
+        if instance_id:
+            instances = [record for record in instances if record.id == instance_id]
+        if not instances:
+            raise _HttpError(404, f"no instance of component {name!r} found: run `osvm status` to list components")
+        record = instances[0]
+        path = self.daemon.state_dir / "instances" / record.id / "output.log"
+        since = _float_query(request, "since")
+        tail = _int_query(request, "tail")
+        data, offset = await asyncio.to_thread(read_logs, path, since, tail)
+
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8", "X-Osvm-Instance": record.id})
+        await response.prepare(request)
+        await response.write(data)
+        if request.query.get("follow") in ("1", "true"):
+            async for chunk in follow_log(path, offset):
+                await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        after = _int_query(request, "after") or 0
+        since = _float_query(request, "since")
+        component = request.query.get("component")
+        limit = _int_query(request, "limit") or 1000
+        follow = request.query.get("follow") in ("1", "true")
+        queue = self.daemon.events.follow() if follow else None
+        try:
+            past = self.daemon.store.events(after, since, component, limit)
+            response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            await response.prepare(request)
+            last_id = after
+            for event in past:
+                await response.write(_ndjson(event.to_json()))
+                last_id = event.id
+            while queue is not None:
+                event = await queue.get()
+                if event.id <= last_id or (component and event.component != component):
+                    continue
+                await response.write(_ndjson(event.to_json()))
+            await response.write_eof()
+            return response
+        finally:
+            if queue is not None:
+                self.daemon.events.unfollow(queue)
+
+    async def shutdown(self, request: web.Request) -> web.Response:
+        self.daemon.request_shutdown("shutdown requested through the API")
+        return web.json_response({"shutting_down": True})
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _require_component(self, name: str) -> None:
+        if self.daemon.store.component(name) is None:
+            known = ", ".join(record.name for record in self.daemon.store.components()) or "none"
+            raise _HttpError(404, f"component {name!r} not found (known: {known})")
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except _HttpError as error:
+            return error_response(error.status, error.message)
+        except ApplyError as error:
+            return error_response(422, str(error))
+        except web.HTTPException:
+            raise
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception as error:  # noqa: BLE001 - every failure reaches the client in the error shape.
+            logger.exception("request %s %s failed", request.method, request.path)
+            return error_response(500, f"internal error: {error}")
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except json.JSONDecodeError as error:
+        raise _HttpError(400, f"request body is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise _HttpError(400, "request body must be a JSON object")
+    return body
+
+
+def _float_query(request: web.Request, name: str) -> float | None:
+    value = request.query.get(name)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise _HttpError(400, f"query parameter {name}={value!r} is not a number") from None
+
+
+def _int_query(request: web.Request, name: str) -> int | None:
+    value = request.query.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise _HttpError(400, f"query parameter {name}={value!r} is not a whole number") from None
+
+
+def _ndjson(value: dict[str, Any]) -> bytes:
+    return (json.dumps(value) + "\n").encode()

@@ -1,0 +1,108 @@
+"""Client of the daemon's control API over its Unix socket."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+
+from osvm import paths
+
+# Stopping waits out grace periods, which the deployment file sets; this bounds the wait.
+STOP_TIMEOUT = 900.0
+
+# How long `osvm up` waits for a daemon it started to answer.
+DAEMON_START_TIMEOUT = 15.0
+
+
+class ClientError(Exception):
+    """A request failed; the message is the daemon's error or says how to reach it."""
+
+
+class Client:
+    def __init__(self, state_dir: Path, timeout: float = 30.0):
+        self.state_dir = state_dir
+        self.socket = paths.socket_path(state_dir)
+        self._http = httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://osvm", timeout=timeout
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def is_running(self) -> bool:
+        try:
+            self._http.get("/v1/ping", timeout=2.0)
+        except (httpx.TransportError, OSError):
+            return False
+        return True
+
+    def ensure_daemon(self) -> bool:
+        """Start a background daemon on this state directory unless one answers; return True if started."""
+        if self.is_running():
+            return False
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log = open(paths.daemon_log_path(self.state_dir), "ab")
+        subprocess.Popen(
+            [sys.executable, "-m", "osvm", "--state-dir", str(self.state_dir), "daemon"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            env=dict(os.environ),
+        )
+        log.close()
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.is_running():
+                return True
+            time.sleep(0.1)
+        raise ClientError(
+            f"the daemon did not answer on {self.socket} within {DAEMON_START_TIMEOUT:g} s: "
+            f"read {paths.daemon_log_path(self.state_dir)} for its errors"
+        )
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self._request("GET", path, params=params)
+
+    def post(self, path: str, body: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+        if timeout is None:
+            return self._request("POST", path, json=body or {})
+        return self._request("POST", path, json=body or {}, timeout=timeout)
+
+    def stream(self, path: str, **params: Any) -> Iterator[bytes]:
+        try:
+            with self._http.stream("GET", path, params=params, timeout=None) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ClientError(_error_message(response))
+                yield from response.iter_raw()
+        except httpx.TransportError as error:
+            raise ClientError(self._unreachable(error)) from None
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as error:
+            raise ClientError(self._unreachable(error)) from None
+        if response.status_code >= 400:
+            raise ClientError(_error_message(response))
+        return response.json()
+
+    def _unreachable(self, error: Exception) -> str:
+        return (
+            f"cannot reach the osvm daemon on {self.socket} ({error}): start it with `osvm daemon` "
+            f"or `osvm up FILE`, and check --state-dir"
+        )
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        return str(body["error"]["message"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return f"the daemon returned HTTP {response.status_code}: {response.text[:200]}"

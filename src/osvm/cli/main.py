@@ -1,0 +1,372 @@
+"""The `osvm` command line."""
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from osvm import __version__, paths
+from osvm.cli.client import STOP_TIMEOUT, Client, ClientError
+from osvm.cli.output import status_table
+from osvm.config.load import ConfigError, load_deployment
+from osvm.config.models import Deployment
+
+# Exit statuses.
+OK = 0
+FAILED = 1
+USAGE = 2
+
+_SINCE = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
+_SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return USAGE
+    try:
+        return int(args.handler(args) or OK)
+    except ClientError as error:
+        _error(str(error))
+        return FAILED
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return OK
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    deployment = _load(args.file, args.json)
+    if deployment is None:
+        return FAILED
+    if args.json:
+        _print_json({"file": args.file, "valid": True, "components": deployment.start_order()})
+    else:
+        names = ", ".join(deployment.start_order())
+        print(f"{args.file}: valid: deployment {deployment.name!r} with {len(deployment.components)} component(s): {names}")
+    return OK
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    deployment = _load(args.file, args.json)
+    if deployment is None:
+        return FAILED
+    client = _client(args)
+    if client.ensure_daemon() and not args.json:
+        print(f"started the osvm daemon (state in {client.state_dir}, log in {paths.daemon_log_path(client.state_dir)})")
+    result = client.post(
+        "/v1/apply",
+        {"file": str(Path(args.file).absolute()), "deployment": deployment.model_dump(mode="json")},
+    )
+    if not args.json:
+        for change in result["changes"]:
+            print(f"{change['component']}: revision {change['revision']} {change['action']}")
+    if args.detach:
+        if args.json:
+            _print_json(result)
+        return OK
+    ok, status = _wait_healthy(client, list(deployment.components), args.timeout, quiet=args.json)
+    if args.json:
+        _print_json({"apply": result, "healthy": ok, "status": status})
+    else:
+        print()
+        print(status_table(status))
+    return OK if ok else FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _client(args).get("/v1/status")
+    if args.component:
+        status["components"] = [c for c in status["components"] if c["name"] == args.component]
+        if not status["components"]:
+            _error(f"component {args.component!r} not found: run `osvm status` to list components")
+            return FAILED
+    if args.json:
+        _print_json(status)
+    elif not status["components"]:
+        print("no components: apply a deployment file with `osvm up FILE`")
+    else:
+        print(status_table(status))
+    return OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {}
+    if args.since:
+        params["since"] = time.time() - _parse_since(args.since)
+    if args.tail is not None:
+        params["tail"] = args.tail
+    if args.follow:
+        params["follow"] = 1
+    if args.instance:
+        params["instance"] = args.instance
+    out = sys.stdout.buffer
+    for chunk in _client(args).stream(f"/v1/components/{args.component}/logs", **params):
+        out.write(chunk)
+        out.flush()
+    return OK
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"limit": args.limit}
+    if args.since:
+        params["since"] = time.time() - _parse_since(args.since)
+    if args.component:
+        params["component"] = args.component
+    if args.follow:
+        params["follow"] = 1
+    buffer = b""
+    for chunk in _client(args).stream("/v1/events", **params):
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            if args.json:
+                print(json.dumps(event), flush=True)
+            else:
+                print(_format_event(event), flush=True)
+    return OK
+
+
+def cmd_component_action(args: argparse.Namespace) -> int:
+    client = _client(args)
+    result = client.post(f"/v1/components/{args.component}/{args.action}", timeout=STOP_TIMEOUT)
+    if args.json:
+        _print_json(result)
+        return OK
+    if args.action == "stop":
+        print(f"{args.component}: stopped")
+        return OK
+    print(f"{args.component}: {args.action} requested")
+    if args.wait:
+        ok, status = _wait_healthy(client, [args.component], args.timeout, quiet=False)
+        print()
+        print(status_table(status))
+        return OK if ok else FAILED
+    return OK
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if not client.is_running():
+        if not args.json:
+            print("no daemon is running on this state directory: nothing to stop")
+        return OK
+    result = client.post("/v1/down", timeout=STOP_TIMEOUT)
+    if args.daemon:
+        client.post("/v1/shutdown")
+    if args.json:
+        _print_json(result)
+    else:
+        removed = ", ".join(result["removed"]) or "none"
+        print(f"stopped and removed: {removed}")
+        if args.daemon:
+            print("daemon stopped")
+    return OK
+
+
+def cmd_revisions(args: argparse.Namespace) -> int:
+    result = _client(args).get(f"/v1/components/{args.component}/revisions")
+    if args.json:
+        _print_json(result)
+        return OK
+    for revision in result["revisions"]:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(revision["created_at"]))
+        print(f"{revision['number']:>4}  {created}  {revision['spec_hash'][:12]}")
+    return OK
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from osvm.daemon.daemon import run_daemon
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    isolation = False if args.no_isolation else None
+    return run_daemon(_state_dir(args), isolation, args.subnet_pool)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _wait_healthy(client: Client, names: list[str], timeout: float, quiet: bool) -> tuple[bool, dict[str, Any]]:
+    """Show progress until every named component runs healthy, one fails, or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    shown: dict[str, str] = {}
+    while True:
+        status = client.get("/v1/status")
+        by_name = {component["name"]: component for component in status["components"]}
+        done = True
+        failed = []
+        for name in names:
+            component = by_name.get(name)
+            if component is None:
+                done = False
+                continue
+            line = _progress_line(component)
+            if not quiet and shown.get(name) != line:
+                print(line, flush=True)
+                shown[name] = line
+            if component["status"] in ("failed", "exited"):
+                failed.append(name)
+            healthy = component["status"] == "running" and any(
+                instance["health"] == "healthy" for instance in component["instances"]
+            )
+            done = done and healthy
+        if failed:
+            if not quiet:
+                _error(f"{', '.join(failed)} failed: see `osvm events` and `osvm logs {failed[0]}`")
+            return False, status
+        if done:
+            return True, status
+        if time.monotonic() > deadline:
+            if not quiet:
+                _error(f"timed out after {timeout:g} s waiting for components to become healthy: see `osvm status`")
+            return False, status
+        time.sleep(0.2)
+
+
+def _progress_line(component: dict[str, Any]) -> str:
+    health = ""
+    if component["instances"]:
+        instance = component["instances"][0]
+        health = f" ({instance['health']})" if instance["health"] not in ("unknown", "none") else ""
+    reason = f": {component['reason']}" if component["reason"] else ""
+    return f"  {component['name']}: {component['status']}{health}{reason}"
+
+
+def _format_event(event: dict[str, Any]) -> str:
+    moment = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["time"]))
+    subject = event["instance"] or event["component"] or "daemon"
+    return f"{moment}  {subject:<24}  {event['kind']:<20}  {event['reason']}"
+
+
+def _load(file: str, as_json: bool) -> Deployment | None:
+    try:
+        deployment = load_deployment(file)
+    except ConfigError as error:
+        if as_json:
+            _print_json({"valid": False, **error.to_json()})
+        else:
+            for issue in error.issues:
+                _error(issue.render(error.file))
+        return None
+    return deployment.with_paths_resolved(str(Path(file).absolute().parent))
+
+
+def _parse_since(value: str) -> float:
+    match = _SINCE.match(value.strip())
+    if match is None:
+        raise ClientError(f"invalid --since {value!r}: write a number with a unit s, m, h or d, such as 10m")
+    return float(match.group(1)) * _SINCE_UNITS[match.group(2)]
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    return Path(args.state_dir).absolute() if args.state_dir else paths.default_state_dir()
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(_state_dir(args))
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _error(message: str) -> None:
+    print(f"osvm: error: {message}", file=sys.stderr)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--state-dir",
+        default=argparse.SUPPRESS,
+        help="state directory of the daemon (default: $OSVM_STATE_DIR, /var/lib/osvm for root, ~/.local/state/osvm otherwise)",
+    )
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of text")
+
+    parser = argparse.ArgumentParser(
+        prog="osvm",
+        description="Run blockchain infrastructure as isolated components and keep it healthy.",
+        parents=[common],
+    )
+    parser.set_defaults(state_dir=None, json=False)
+    parser.add_argument("--version", action="version", version=f"osvm {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    validate = commands.add_parser("validate", parents=[common], help="check a deployment file without applying it")
+    validate.add_argument("file", help="deployment file (TOML)")
+    validate.set_defaults(handler=cmd_validate)
+
+    up = commands.add_parser(
+        "up", parents=[common], help="start the daemon if needed, apply a deployment file and wait until healthy"
+    )
+    up.add_argument("file", help="deployment file (TOML)")
+    up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all components to become healthy (default 300)")
+    up.add_argument("-d", "--detach", action="store_true", help="apply the file and return without waiting")
+    up.set_defaults(handler=cmd_up)
+
+    status = commands.add_parser("status", parents=[common], help="show components and their instances")
+    status.add_argument("component", nargs="?", help="show only this component")
+    status.set_defaults(handler=cmd_status)
+
+    logs = commands.add_parser("logs", parents=[common], help="print a component's stdout and stderr")
+    logs.add_argument("component")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    logs.add_argument("--since", help="only output written in this recent time, such as 10m, 2h or 30s")
+    logs.add_argument("-n", "--tail", type=int, help="only the last N lines")
+    logs.add_argument("--instance", help="an instance id (default: the newest instance)")
+    logs.set_defaults(handler=cmd_logs)
+
+    events = commands.add_parser("events", parents=[common], help="print lifecycle events with their reasons")
+    events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    events.add_argument("--since", help="only events in this recent time, such as 10m")
+    events.add_argument("--component", help="only events of this component")
+    events.add_argument("--limit", type=int, default=200, help="at most this many past events (default 200)")
+    events.set_defaults(handler=cmd_events)
+
+    for action, text in (
+        ("start", "start a stopped component"),
+        ("stop", "stop a component (stop signal, grace period, then SIGKILL)"),
+        ("restart", "restart a component, or start it again after it failed"),
+    ):
+        sub = commands.add_parser(action, parents=[common], help=text)
+        sub.add_argument("component")
+        if action != "stop":
+            sub.add_argument("--wait", action="store_true", help="wait until the component is healthy again")
+            sub.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait (default 300)")
+        sub.set_defaults(handler=cmd_component_action, action=action, wait=False, timeout=300.0)
+
+    down = commands.add_parser("down", parents=[common], help="stop and remove every component")
+    down.add_argument("--daemon", action="store_true", help="also stop the daemon")
+    down.set_defaults(handler=cmd_down)
+
+    revisions = commands.add_parser("revisions", parents=[common], help="list the stored revisions of a component")
+    revisions.add_argument("component")
+    revisions.set_defaults(handler=cmd_revisions)
+
+    daemon = commands.add_parser("daemon", parents=[common], help="run the daemon in the foreground (for systemd)")
+    daemon.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="daemon log level (default info)")
+    daemon.add_argument(
+        "--no-isolation", action="store_true", help="run components as plain processes even as root (for development only)"
+    )
+    daemon.add_argument(
+        "--subnet-pool",
+        default="10.213.0.0/16",
+        help="IPv4 pool that network-namespace instances get /30 subnets from (default 10.213.0.0/16)",
+    )
+    daemon.set_defaults(handler=cmd_daemon)
+    return parser

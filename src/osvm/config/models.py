@@ -1,0 +1,529 @@
+"""Validated models of the deployment file.
+
+Every model rejects unknown keys, so a misspelt key is an error and never a silent default.
+"""
+
+import hashlib
+import json
+import os
+import re
+import signal
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from osvm.config.units import ByteSize, Duration
+
+NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
+PORT_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,30}$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# A user name or a numeric user id.
+USER_PATTERN = r"^(?:[A-Za-z_][A-Za-z0-9_.-]{0,31}|[0-9]+)$"
+# osvm substitutes these references in command elements with the component's port numbers.
+PORT_REFERENCE_PATTERN = re.compile(r"\$\{OSVM_PORT_([A-Za-z0-9_]+)\}")
+
+# A smaller memory limit is almost always a size written without its unit, such as 512 for 512MiB.
+MIN_MEMORY = 1024 * 1024
+
+# Signals that pause, resume or notify a process by default instead of ending it.
+NON_TERMINATING_SIGNALS = ("SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGCONT", "SIGCHLD", "SIGCLD")
+
+# Runtimes that a deployment file may name. Only `process` is implemented in this version.
+SUPPORTED_RUNTIMES = ("process",)
+PLANNED_RUNTIMES = ("microvm", "unikernel")
+
+
+FieldPath = tuple[str | int, ...]
+
+
+class InvalidFields(ValueError):
+    """Problems that a validator found below the location it validates.
+
+    Each problem is a (path, message) pair. The path is relative to the location that pydantic
+    reports for the validator: the model for a model validator, such as ("probes", 0, "port") on a
+    component, or the field for a field validator. load.py joins the two into the full field path.
+    """
+
+    def __init__(self, problems: list[tuple[FieldPath, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{format_path(path)}: {message}" for path, message in problems))
+
+
+def format_path(path: FieldPath) -> str:
+    """Format a field path the way TOML writes dotted keys, such as `components.rpc.probes[0].port`."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+            continue
+        key = part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else json.dumps(part)
+        text += f".{key}" if text else key
+    return text
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _require_positive(seconds: float, example: str) -> float:
+    if seconds <= 0:
+        raise ValueError(f"must be longer than zero, got {seconds:g}s: write a duration such as {example}")
+    return seconds
+
+
+# --- resources, restart and network ----------------------------------------------------------
+
+
+class Resources(StrictModel):
+    """Limits for one instance: cgroup memory, CPU and pids, and the open files rlimit."""
+
+    memory: ByteSize | None = None
+    # The CPU quota is cpus x 100 ms per 100 ms period, and the kernel rejects a quota below 1 ms.
+    cpus: Annotated[float, Field(ge=0.01, le=1024)] | None = None
+    pids: Annotated[int, Field(ge=1)] | None = None
+    open_files: Annotated[int, Field(ge=16, le=1 << 20)] | None = None
+
+    @field_validator("memory")
+    @classmethod
+    def _check_memory(cls, memory: int | None) -> int | None:
+        if memory is not None and memory < MIN_MEMORY:
+            raise ValueError(
+                f"memory limit of {memory} bytes is below 1MiB: write the size with a unit, such as \"512MiB\""
+            )
+        return memory
+
+
+class RestartPolicy(StrictModel):
+    """When an exited instance is started again, and how fast."""
+
+    policy: Literal["always", "on-failure", "never"] = "always"
+    max_restarts: Annotated[int, Field(ge=0)] = 5
+    window: Duration = 60.0
+    backoff_initial: Duration = 1.0
+    backoff_max: Duration = 30.0
+    backoff_multiplier: Annotated[float, Field(ge=1.0, le=10.0)] = 2.0
+
+    @field_validator("window")
+    @classmethod
+    def _check_window(cls, window: float) -> float:
+        return _require_positive(window, '"60s"')
+
+    @field_validator("backoff_initial")
+    @classmethod
+    def _check_backoff_initial(cls, backoff_initial: float) -> float:
+        # With zero, multiplying never makes the delay grow, so a crashing component restarts in a tight loop.
+        return _require_positive(backoff_initial, '"1s"')
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> "RestartPolicy":
+        if self.backoff_max < self.backoff_initial:
+            raise InvalidFields([(
+                ("backoff_max",),
+                f"backoff_max ({self.backoff_max:g}s) is shorter than backoff_initial "
+                f"({self.backoff_initial:g}s): make backoff_max at least as long as backoff_initial",
+            )])
+        return self
+
+
+class Network(StrictModel):
+    """Network placement: the host's network, or a network namespace with its own veth pair."""
+
+    mode: Literal["host", "namespace"] = "host"
+
+
+# --- probes ----------------------------------------------------------------------------------
+
+
+class ProbeBase(StrictModel):
+    interval: Duration = 5.0
+    # Probes run this often until the first success, so a fast starter is seen healthy quickly.
+    startup_interval: Duration = 0.25
+    timeout: Duration = 2.0
+    success_threshold: Annotated[int, Field(ge=1, le=100)] = 1
+    failure_threshold: Annotated[int, Field(ge=1, le=100)] = 3
+    # Failures in this time after start do not count towards failure_threshold.
+    startup_grace: Duration = 0.0
+    # A liveness probe restarts the instance when it turns unhealthy, instead of only reporting it.
+    liveness: bool = False
+
+    @field_validator("interval")
+    @classmethod
+    def _check_interval(cls, interval: float) -> float:
+        return _require_positive(interval, '"5s"')
+
+    @field_validator("startup_interval")
+    @classmethod
+    def _check_startup_interval(cls, startup_interval: float) -> float:
+        return _require_positive(startup_interval, '"250ms"')
+
+    @field_validator("timeout")
+    @classmethod
+    def _check_timeout(cls, timeout: float) -> float:
+        return _require_positive(timeout, '"2s"')
+
+
+PortRef = Union[Annotated[int, Field(ge=1, le=65535)], Annotated[str, Field(pattern=PORT_NAME_PATTERN)]]
+
+
+def _check_url_path(path: str) -> str:
+    if not path.startswith("/"):
+        raise ValueError(f"URL path {path!r} does not start with '/': write it such as \"/health\"")
+    return path
+
+
+UrlPath = Annotated[str, AfterValidator(_check_url_path)]
+
+
+class HttpProbe(ProbeBase):
+    type: Literal["http"]
+    port: PortRef
+    path: UrlPath = "/"
+    method: Literal["GET", "HEAD", "POST"] = "GET"
+    headers: dict[str, str] = {}
+    # Accepted status codes. An empty list accepts 200 to 399.
+    expect_status: list[Annotated[int, Field(ge=100, le=599)]] = []
+    body_contains: str | None = None
+
+
+class JsonRpcProbe(ProbeBase):
+    type: Literal["jsonrpc"]
+    port: PortRef
+    path: UrlPath = "/"
+    method: Annotated[str, Field(min_length=1)]
+    params: list[Any] | dict[str, Any] = []
+    # Without expect_result, any response without an "error" member passes.
+    expect_result: Any = None
+
+
+class SolanaProbe(ProbeBase):
+    type: Literal["solana"]
+    port: PortRef
+    # GET /health must return the body "ok"; "behind" and "unknown" are unhealthy even with status 200.
+    health_path: UrlPath = "/health"
+    # Also call the JSON-RPC method getHealth; error -32005 (node is behind) is unhealthy.
+    get_health: bool = True
+    rpc_path: UrlPath = "/"
+
+
+class TcpProbe(ProbeBase):
+    type: Literal["tcp"]
+    port: PortRef
+
+
+class ExecProbe(ProbeBase):
+    type: Literal["exec"]
+    command: Annotated[list[str], Field(min_length=1)]
+
+    @field_validator("command")
+    @classmethod
+    def _check_command(cls, command: list[str]) -> list[str]:
+        if not command[0].strip():
+            raise InvalidFields([((0,), "the program name is empty: write the program to run, such as \"pg_isready\"")])
+        return command
+
+
+Probe = Annotated[
+    Union[HttpProbe, JsonRpcProbe, SolanaProbe, TcpProbe, ExecProbe],
+    Field(discriminator="type"),
+]
+
+
+# --- component and deployment ----------------------------------------------------------------
+
+
+class Component(StrictModel):
+    """One named entry under [components]: what to run, where, with which limits and probes."""
+
+    command: list[str] | str
+    shell: bool = False
+    env: dict[str, str] = {}
+    workdir: str | None = None
+    user: Annotated[str, Field(pattern=USER_PATTERN)] | None = None
+    runtime: str = "process"
+    resources: Resources = Resources()
+    ports: dict[Annotated[str, Field(pattern=PORT_NAME_PATTERN)], Annotated[int, Field(ge=0, le=65535)]] = {}
+    probes: list[Probe] = []
+    restart: RestartPolicy = RestartPolicy()
+    depends_on: list[str] = []
+    stop_signal: str = "SIGTERM"
+    stop_grace_period: Duration = 10.0
+    network: Network = Network()
+
+    @field_validator("runtime")
+    @classmethod
+    def _check_runtime(cls, runtime: str) -> str:
+        if runtime in SUPPORTED_RUNTIMES:
+            return runtime
+        if runtime in PLANNED_RUNTIMES:
+            raise ValueError(f"runtime {runtime!r} is not available in this version of osvm: use \"process\"")
+        raise ValueError(f"unknown runtime {runtime!r}: use \"process\"")
+
+    @field_validator("stop_signal")
+    @classmethod
+    def _check_signal(cls, name: str) -> str:
+        normalized = name.strip().upper()
+        if not normalized.startswith("SIG"):
+            normalized = "SIG" + normalized
+        if normalized not in signal.Signals.__members__:
+            raise ValueError(f"unknown signal {name!r}: use a name such as \"SIGTERM\" or \"SIGINT\"")
+        if normalized in NON_TERMINATING_SIGNALS:
+            raise ValueError(
+                f"signal {name!r} does not end a process: use a signal that does, such as \"SIGTERM\" or \"SIGINT\""
+            )
+        return normalized
+
+    @field_validator("env")
+    @classmethod
+    def _check_env(cls, env: dict[str, str]) -> dict[str, str]:
+        problems: list[tuple[FieldPath, str]] = []
+        for key, value in env.items():
+            if not re.match(ENV_NAME_PATTERN, key):
+                problems.append((
+                    (key,),
+                    f"invalid environment variable name {key!r}: use letters, digits and underscores, "
+                    f"not starting with a digit",
+                ))
+            elif key.startswith("OSVM_"):
+                problems.append((
+                    (key,),
+                    f"environment variable {key!r} is reserved because osvm sets the names starting with OSVM_: "
+                    f"choose another name",
+                ))
+            if "\0" in value:
+                problems.append(((key,), "the value contains a NUL character, which no process can receive: remove it"))
+        if problems:
+            raise InvalidFields(problems)
+        return env
+
+    @field_validator("workdir")
+    @classmethod
+    def _check_workdir(cls, workdir: str | None) -> str | None:
+        if workdir is not None and not workdir.startswith("/"):
+            raise ValueError(f"workdir {workdir!r} is relative: write an absolute path such as \"/var/lib/node\"")
+        return workdir
+
+    @model_validator(mode="after")
+    def _check_command_and_ports(self) -> "Component":
+        problems = self._command_problems() + self._port_reference_problems()
+        if problems:
+            raise InvalidFields(problems)
+        return self
+
+    def _command_problems(self) -> list[tuple[FieldPath, str]]:
+        if isinstance(self.command, str):
+            if not self.shell:
+                return [(
+                    ("command",),
+                    "command is a string but shell is false: write it as a list such as "
+                    "[\"redis-server\", \"--port\", \"6379\"], or set shell = true",
+                )]
+            if not self.command.strip():
+                return [(("command",), "command is empty: write the shell command to run")]
+            elements = [self.command]
+        else:
+            if self.shell:
+                return [(
+                    ("command",),
+                    "shell = true needs command to be one string, not a list: write the shell command as a "
+                    "string, or remove shell = true",
+                )]
+            if not self.command or not self.command[0].strip():
+                return [(("command",), "command is empty: write the program to run as the first list element")]
+            elements = self.command
+        problems: list[tuple[FieldPath, str]] = []
+        for index, element in enumerate(elements):
+            if "\0" in element:
+                where = ("command", index) if isinstance(self.command, list) else ("command",)
+                problems.append((where, "contains a NUL character, which no process can receive: remove it"))
+        return problems
+
+    def _port_reference_problems(self) -> list[tuple[FieldPath, str]]:
+        problems: list[tuple[FieldPath, str]] = []
+        declared = f"declared: {', '.join(sorted(self.ports))}" if self.ports else "no ports declared"
+        for index, probe in enumerate(self.probes):
+            port = getattr(probe, "port", None)
+            if isinstance(port, str) and port not in self.ports:
+                problems.append((
+                    ("probes", index, "port"),
+                    f"port name {port!r} is not in ports ({declared}): add it to ports or use a port number",
+                ))
+        elements = [self.command] if isinstance(self.command, str) else self.command
+        for index, element in enumerate(elements):
+            for match in PORT_REFERENCE_PATTERN.finditer(element):
+                if match.group(1).lower() not in self.ports:
+                    where = ("command", index) if isinstance(self.command, list) else ("command",)
+                    problems.append((
+                        where,
+                        f"{match.group(0)} refers to port {match.group(1).lower()!r}, which is not in ports "
+                        f"({declared}): add it to ports",
+                    ))
+        return problems
+
+    def argv(self) -> list[str]:
+        """Return the command as an argument vector, wrapping a shell string in /bin/sh -c."""
+        if isinstance(self.command, str):
+            return ["/bin/sh", "-c", self.command]
+        return list(self.command)
+
+    def with_paths_resolved(self, base_dir: str) -> "Component":
+        """Return a copy in which a program path starting with ./ or ../ is absolute, relative to base_dir.
+
+        This changes the first element of a list command and of each exec probe's command. Shell
+        strings and all other arguments stay as written.
+        """
+        update: dict[str, Any] = {}
+        if isinstance(self.command, list):
+            update["command"] = [resolve_program(self.command[0], base_dir), *self.command[1:]]
+        probes = []
+        for probe in self.probes:
+            if isinstance(probe, ExecProbe):
+                command = [resolve_program(probe.command[0], base_dir), *probe.command[1:]]
+                probe = probe.model_copy(update={"command": command})
+            probes.append(probe)
+        update["probes"] = probes
+        return self.model_copy(update=update)
+
+    def spec_hash(self) -> str:
+        """Return a stable hash of the spec, used to decide whether a change makes a new revision."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Deployment(StrictModel):
+    """A whole deployment file."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    components: dict[Annotated[str, Field(pattern=NAME_PATTERN)], Component]
+
+    @model_validator(mode="after")
+    def _check_components(self) -> "Deployment":
+        if not self.components:
+            raise InvalidFields([(
+                ("components",),
+                "the file declares no components: add at least one [components.NAME] table with a command",
+            )])
+        problems = self._dependency_problems() + self._fixed_port_problems()
+        if problems:
+            raise InvalidFields(problems)
+        return self
+
+    def _dependency_problems(self) -> list[tuple[FieldPath, str]]:
+        problems: list[tuple[FieldPath, str]] = []
+        known = ", ".join(sorted(self.components))
+        for name, component in self.components.items():
+            for index, dependency in enumerate(component.depends_on):
+                where = ("components", name, "depends_on", index)
+                if dependency == name:
+                    problems.append((where, f"component {name!r} depends on itself: remove this entry"))
+                elif dependency not in self.components:
+                    problems.append((
+                        where,
+                        f"unknown component {dependency!r} (declared: {known}): name a component of this file",
+                    ))
+        # The cycle search needs every name to resolve, and it would report a self-dependency a second time.
+        if not problems:
+            cycle = find_dependency_cycle(self.components)
+            if cycle:
+                problems.append((
+                    ("components", cycle[0], "depends_on"),
+                    f"dependency cycle {' -> '.join(cycle)}: remove one of these depends_on entries",
+                ))
+        return problems
+
+    def _fixed_port_problems(self) -> list[tuple[FieldPath, str]]:
+        # The daemon allocates port numbers from one pool for every instance, whatever its network
+        # mode, so a fixed number may appear only once in a deployment.
+        problems: list[tuple[FieldPath, str]] = []
+        owners: dict[int, str] = {}
+        for name, component in self.components.items():
+            for port_name, number in component.ports.items():
+                if number == 0:
+                    continue
+                where = ("components", name, "ports", port_name)
+                if number in owners:
+                    problems.append((
+                        where,
+                        f"port {number} is already used by {owners[number]}: choose another port, "
+                        f"or 0 to let osvm allocate a free one",
+                    ))
+                else:
+                    owners[number] = format_path(where)
+        return problems
+
+    def with_paths_resolved(self, base_dir: str) -> "Deployment":
+        """Return a copy where a command program written as ./x or ../x is made absolute against base_dir.
+
+        Relative programs are resolved against the deployment file's directory, as compose files do,
+        so a file works from any current directory.
+        """
+        import os.path
+
+        components = {}
+        for name, component in self.components.items():
+            argv = component.command
+            if isinstance(argv, list) and argv and argv[0].startswith(("./", "../")):
+                program = os.path.normpath(os.path.join(base_dir, argv[0]))
+                component = component.model_copy(update={"command": [program, *argv[1:]]})
+            components[name] = component
+        return self.model_copy(update={"components": components})
+
+    def with_paths_resolved(self, base_dir: str) -> "Deployment":
+        """Return a copy in which each component's program path is resolved as Component.with_paths_resolved does."""
+        components = {name: component.with_paths_resolved(base_dir) for name, component in self.components.items()}
+        return self.model_copy(update={"components": components})
+
+    def start_order(self) -> list[str]:
+        """Return the component names so that each comes after everything it depends on."""
+        ordered: list[str] = []
+        seen: set[str] = set()
+
+        def visit(name: str) -> None:
+            if name in seen:
+                return
+            seen.add(name)
+            for dependency in self.components[name].depends_on:
+                visit(dependency)
+            ordered.append(name)
+
+        for name in sorted(self.components):
+            visit(name)
+        return ordered
+
+
+def resolve_program(program: str, base_dir: str) -> str:
+    """Return `program` made absolute against base_dir when it starts with ./ or ../, else unchanged.
+
+    A bare name such as "redis-server" is left for the PATH search, and an absolute path is already complete.
+    """
+    if program.startswith(("./", "../")):
+        return os.path.normpath(os.path.join(base_dir, program))
+    return program
+
+
+def find_dependency_cycle(components: dict[str, Component]) -> list[str] | None:
+    """Return one dependency cycle as a list of names that starts and ends with the same name, or None."""
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(name: str) -> list[str] | None:
+        state[name] = "visiting"
+        stack.append(name)
+        for dependency in components[name].depends_on:
+            if dependency not in components:
+                continue
+            if state.get(dependency) == "visiting":
+                return stack[stack.index(dependency):] + [dependency]
+            if dependency not in state:
+                found = visit(dependency)
+                if found:
+                    return found
+        stack.pop()
+        state[name] = "done"
+        return None
+
+    for name in sorted(components):
+        if name not in state:
+            found = visit(name)
+            if found:
+                return found
+    return None

@@ -1,0 +1,178 @@
+"""The daemon: store, runtime, reconciler, log rotation and the control API in one event loop."""
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from osvm import paths
+from osvm.api.server import ApiServer
+from osvm.logs.files import LogRotator
+from osvm.reconcile.reconciler import DEFAULT_SUBNET_POOL, Reconciler
+from osvm.runtimes.process import ProcessRuntime
+from osvm.store import Store
+from osvm.store.events import EventBus
+
+logger = logging.getLogger("osvm.daemon")
+
+
+class DaemonError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+class Daemon:
+    """Own the state directory and everything that runs from it."""
+
+    def __init__(self, state_dir: Path, isolation: bool | None = None, subnet_pool: str = DEFAULT_SUBNET_POOL):
+        self.state_dir = state_dir
+        self.isolation = isolation
+        self.subnet_pool = subnet_pool
+        self.started_at = time.time()
+        self._shutdown = asyncio.Event()
+        self._shutdown_reason = ""
+        self._lock_file: Any = None
+
+    async def run(self) -> None:
+        """Run until SIGTERM, SIGINT or a shutdown request. Instances keep running for the next daemon."""
+        self._prepare_state_dir()
+        self.store = Store(paths.database_path(self.state_dir))
+        self.events = EventBus(self.store)
+        self.runtime = ProcessRuntime(self.state_dir, self.isolation)
+        self.reconciler = Reconciler(
+            self.store, self.events, self.runtime, self.state_dir, self.subnet_pool, dict(os.environ)
+        )
+        self.api = ApiServer(self)
+        self.rotator = LogRotator()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_shutdown, f"received {sig.name}")
+
+        self.events.publish(
+            "daemon.started",
+            f"osvm daemon pid {os.getpid()} started on {self.state_dir} "
+            f"(isolation {'on' if self.runtime.isolated else 'OFF'}, cgroups {self.runtime.cgroup_layout or 'off'})",
+        )
+        await self.reconciler.recover()
+        await self.api.start(paths.socket_path(self.state_dir))
+        tasks = [
+            asyncio.create_task(self.reconciler.run(), name="reconcile"),
+            asyncio.create_task(self.rotator.run(self._live_log_paths), name="log-rotation"),
+        ]
+        try:
+            await self._shutdown.wait()
+        finally:
+            self.events.publish("daemon.stopping", f"{self._shutdown_reason}: instances keep running and are adopted at the next start")
+            await self.api.stop()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._detach_supervisors()
+            self.store.close()
+            logger.info("daemon stopped")
+
+    def request_shutdown(self, reason: str) -> None:
+        self._shutdown_reason = reason
+        self._shutdown.set()
+
+    def status(self) -> dict[str, Any]:
+        """Return components with their instances, for `osvm status`."""
+        now = time.time()
+        components = []
+        for record in self.store.components():
+            instances = []
+            for supervisor in self.reconciler.supervisors.values():
+                if supervisor.record.component != record.name:
+                    continue
+                instance = supervisor.record
+                instances.append(
+                    {
+                        "id": instance.id,
+                        "revision": instance.revision,
+                        "runtime": instance.runtime,
+                        "state": instance.state,
+                        "health": instance.health,
+                        "pid": instance.pid,
+                        "uptime": round(now - instance.started_at, 1) if instance.started_at and instance.pid else None,
+                        "restarts": instance.restarts,
+                        "ports": instance.ports,
+                        "address": instance.address,
+                        "isolated": instance.isolated,
+                        "netns": instance.netns,
+                        "exit_reason": instance.exit_reason,
+                        "probes": supervisor.monitor.describe() if supervisor.monitor else [],
+                    }
+                )
+            components.append(
+                {
+                    "name": record.name,
+                    "deployment": record.deployment,
+                    "desired": record.desired,
+                    "revision": record.revision,
+                    "status": record.status,
+                    "reason": record.status_reason,
+                    "instances": instances,
+                }
+            )
+        return {
+            "daemon": {
+                "pid": os.getpid(),
+                "isolated": self.runtime.isolated,
+                "cgroup_layout": self.runtime.cgroup_layout,
+                "state_dir": str(self.state_dir),
+            },
+            "components": components,
+        }
+
+    # --- private helpers ---------------------------------------------------------------------
+
+    def _prepare_state_dir(self) -> None:
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except PermissionError:
+            raise DaemonError(f"cannot create the state directory {self.state_dir}: permission denied: choose another --state-dir") from None
+        os.chmod(self.state_dir, 0o700)
+        self._lock_file = open(paths.pid_path(self.state_dir), "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.seek(0)
+            holder = self._lock_file.read().strip() or "unknown"
+            raise DaemonError(
+                f"another osvm daemon (pid {holder}) already uses {self.state_dir}: stop it or choose another --state-dir"
+            ) from None
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(f"{os.getpid()}\n")
+        self._lock_file.flush()
+
+    def _live_log_paths(self) -> list[Path]:
+        return [supervisor.plan.log_path for supervisor in self.reconciler.supervisors.values() if not supervisor.done]
+
+    async def _detach_supervisors(self) -> None:
+        """Cancel supervision tasks without stopping instances, so the next daemon adopts them."""
+        for supervisor in self.reconciler.supervisors.values():
+            supervisor.detach()
+        await asyncio.sleep(0)
+
+
+def run_daemon(state_dir: Path, isolation: bool | None, subnet_pool: str) -> int:
+    """Run the daemon in the foreground; return the exit status."""
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
+    daemon = Daemon(state_dir, isolation, subnet_pool)
+    try:
+        if uvloop is not None:
+            uvloop.run(daemon.run())
+        else:
+            asyncio.run(daemon.run())
+    except DaemonError as error:
+        logger.error("%s", error)
+        return 1
+    return 0

@@ -1,0 +1,478 @@
+"""The reconciler: compare desired state in the store with the instances that run, and act.
+
+It starts what is missing (after its dependencies are healthy), replaces instances whose revision is
+no longer desired, stops what is no longer wanted, and adopts or replaces instances after a restart.
+"""
+
+import asyncio
+import logging
+import re
+import resource
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from osvm.config.models import Component, Deployment
+from osvm.reconcile import allocations
+from osvm.runtimes.base import LaunchPlan, Runtime
+from osvm.runtimes.netns import addressing_for
+from osvm.runtimes.process import DEFAULT_USER
+from osvm.runtimes.sandbox import SandboxError, find_user
+from osvm.store import ComponentRecord, InstanceRecord, Store
+from osvm.store.events import EventBus
+from osvm.supervise.supervisor import InstanceState, InstanceSupervisor
+
+logger = logging.getLogger("osvm.reconcile")
+
+# Desired states of a component.
+RUNNING = "running"
+STOPPED = "stopped"
+REMOVED = "removed"
+
+# A periodic pass catches anything a missed wake-up would leave; changes normally wake it at once.
+RESYNC_INTERVAL = 2.0
+
+DEFAULT_SUBNET_POOL = "10.213.0.0/16"
+SUBNETS_IN_POOL = 16384
+
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+# Variables passed from the daemon's environment to every instance; everything else is cleared.
+_PASSED_ENV = ("LANG", "LC_ALL", "TZ")
+# Capability number from linux/capability.h.
+CAP_SYS_RESOURCE = 24
+
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class ApplyError(Exception):
+    """A deployment cannot be applied; the message says why."""
+
+
+class Reconciler:
+    """Drive instances towards the desired state in the store."""
+
+    def __init__(
+        self,
+        store: Store,
+        events: EventBus,
+        runtime: Runtime,
+        state_dir: Path,
+        subnet_pool: str = DEFAULT_SUBNET_POOL,
+        environ: dict[str, str] | None = None,
+    ):
+        self.store = store
+        self.events = events
+        self.runtime = runtime
+        self.state_dir = state_dir
+        self.subnet_pool = subnet_pool
+        self.environ = dict(environ or {})
+        self.supervisors: dict[str, InstanceSupervisor] = {}
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Condition()
+
+    # --- desired state -----------------------------------------------------------------------
+
+    def apply(self, deployment: Deployment, file: str | None) -> list[dict[str, Any]]:
+        """Store a deployment as desired state and return what changed for each component."""
+        changes: list[dict[str, Any]] = []
+        for name in deployment.start_order():
+            spec = deployment.components[name]
+            spec_hash = spec.spec_hash()
+            latest = self.store.latest_revision(name)
+            current = self.store.component(name)
+            if latest is not None and latest[1] == spec_hash:
+                revision = latest[0]
+                action = "unchanged" if current is not None and current.desired == RUNNING else "started"
+            else:
+                revision = self.store.add_revision(name, spec.model_dump(mode="json"), spec_hash)
+                action = "created" if latest is None else "updated"
+                self.events.publish("revision.created", f"revision {revision} stored from {file or 'the API'}", name)
+            self.store.upsert_component(name, deployment.name, file, RUNNING, revision)
+            if current is not None and current.status in ("failed", "exited"):
+                # Applying the file again is how an operator asks for a failed component to be retried.
+                self.store.set_component_status(name, "pending", "applied again after it " + current.status)
+                action = "retried"
+            changes.append({"component": name, "revision": revision, "action": action})
+
+        for record in self.store.components():
+            if record.deployment == deployment.name and record.name not in deployment.components and record.desired != REMOVED:
+                self.store.set_desired(record.name, REMOVED)
+                self.events.publish("component.removed", f"no longer in {file or 'the deployment'}", record.name)
+                changes.append({"component": record.name, "revision": record.revision, "action": "removed"})
+        self.wake()
+        return changes
+
+    def check_applicable(self, deployment: Deployment) -> None:
+        """Check what validation of the file alone cannot: users exist and command references resolve.
+
+        Raises ApplyError naming the component and the fix.
+        """
+        for name, spec in deployment.components.items():
+            if self.runtime.isolated:
+                try:
+                    find_user(spec.user or DEFAULT_USER)
+                except SandboxError as error:
+                    raise ApplyError(f"component {name}: {error}") from None
+            _check_open_files(name, spec.resources.open_files)
+            known = (set(_PASSED_ENV) & set(self.environ)) | set(spec.env) | {
+                "OSVM_COMPONENT", "OSVM_INSTANCE", "OSVM_REVISION", "OSVM_ADDRESS", "OSVM_DATA_DIR", "PATH", "HOME",
+            }
+            known |= {f"OSVM_PORT_{port.upper()}" for port in spec.ports}
+            for argument in spec.argv():
+                for reference in _REFERENCE.findall(argument):
+                    if reference not in known:
+                        raise ApplyError(
+                            f"component {name}: command references ${{{reference}}}, which is not set: "
+                            f"declare the port in ports or set the variable in env"
+                        )
+
+    def set_desired(self, name: str, desired: str) -> None:
+        if self.store.component(name) is None:
+            raise ApplyError(f"component {name!r} not found: run `osvm status` to list components")
+        self.store.set_desired(name, desired)
+        self.wake()
+
+    async def restart_component(self, name: str) -> None:
+        """Restart a component's instance, or start a fresh one if it had failed or stopped."""
+        record = self.store.component(name)
+        if record is None:
+            raise ApplyError(f"component {name!r} not found: run `osvm status` to list components")
+        self.store.set_desired(name, RUNNING)
+        live = [supervisor for supervisor in self.supervisors.values() if supervisor.record.component == name and not supervisor.done]
+        if live:
+            self.events.publish("component.restart", "restart requested", name)
+            await asyncio.gather(*(supervisor.restart() for supervisor in live))
+        else:
+            self.store.set_component_status(name, "pending", "restart requested")
+        self.wake()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def wait_changed(self, timeout: float) -> None:
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Reconcile until cancelled."""
+        while True:
+            try:
+                await self.reconcile_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - one bad pass must not end reconciliation.
+                logger.exception("reconcile pass failed")
+            try:
+                await asyncio.wait_for(self._wake.wait(), RESYNC_INTERVAL)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def reconcile_once(self) -> None:
+        async with self._lock:
+            self._forget_finished()
+            components = self.store.components()
+            stopping = [component for component in components if component.desired != RUNNING]
+            for level in self._stop_levels(stopping):
+                await asyncio.gather(*(self._converge_stopped(component.name, component.desired) for component in level))
+            for component in components:
+                if component.desired == RUNNING:
+                    await self._converge_running(component.name, component.revision)
+
+    async def recover(self) -> None:
+        """Adopt the instances a previous daemon left running, or clean them up for replacement."""
+        for record in self.store.live_instances():
+            plan = self._plan_for(record)
+            handle = None
+            if record.pid is not None and record.pid_start_time is not None:
+                handle = self.runtime.adopt(plan, record.pid, record.pid_start_time)
+            if handle is not None:
+                supervisor = self._supervisor_for(record, plan, handle)
+                self.events.publish(
+                    "instance.adopted", f"adopted pid {record.pid} after a daemon restart", record.component, record.id
+                )
+                supervisor.start()
+                continue
+            reason = "its process was gone" if record.pid else "it had not started"
+            self.events.publish(
+                "instance.lost",
+                f"not adopted after a daemon restart because {reason}: cleaning up and replacing it",
+                record.component,
+                record.id,
+                logging.WARNING,
+            )
+            await self.runtime.cleanup(plan)
+            record.state = InstanceState.STOPPED.value
+            record.health = "none"
+            record.exit_reason = f"lost after a daemon restart: {reason}"
+            record.stopped_at = time.time()
+            record.pid = None
+            self.store.update_instance(record)
+            allocations.release(self.store, record.id)
+        sweep = getattr(self.runtime, "sweep_orphans", None)
+        if sweep is not None:
+            live = {record.id for record in self.store.live_instances()}
+            for name in await asyncio.to_thread(sweep, live):
+                self.events.publish("instance.orphan_removed", f"removed orphan cgroup {name} and its processes")
+        self.wake()
+
+    async def shutdown_instances(self, reason: str) -> None:
+        """Stop every instance (used by `osvm down`)."""
+        await asyncio.gather(*(supervisor.stop(reason) for supervisor in list(self.supervisors.values())))
+
+    # --- private helpers ---------------------------------------------------------------------
+
+    async def _converge_running(self, name: str, revision: int) -> None:
+        mine = [supervisor for supervisor in self.supervisors.values() if supervisor.record.component == name]
+        current = [supervisor for supervisor in mine if supervisor.record.revision == revision]
+        outdated = [supervisor for supervisor in mine if supervisor.record.revision != revision]
+
+        for supervisor in outdated:
+            self.events.publish(
+                "instance.replacing",
+                f"revision {revision} is desired: stopping revision {supervisor.record.revision}",
+                name,
+                supervisor.record.id,
+            )
+            await supervisor.stop(f"replaced by revision {revision}")
+            self._forget_finished()
+
+        if current:
+            self._update_status(name, current[0].record)
+            return
+
+        status = self.store.component(name)
+        if status is not None and status.status in ("failed", "exited"):
+            return
+
+        spec = Component.model_validate(self.store.revision_spec(name, revision))
+        waiting = [dependency for dependency in spec.depends_on if not self._is_healthy(dependency)]
+        if waiting:
+            reason = f"waiting for {', '.join(waiting)} to become healthy"
+            if status is None or status.status_reason != reason:
+                self.store.set_component_status(name, "waiting", reason)
+                self.events.publish("component.waiting", reason, name)
+            return
+        await self._create_instance(name, revision, spec)
+
+    async def _converge_stopped(self, name: str, desired: str) -> None:
+        mine = [supervisor for supervisor in self.supervisors.values() if supervisor.record.component == name]
+        for supervisor in mine:
+            await supervisor.stop("stop requested" if desired == STOPPED else "component removed")
+        self._forget_finished()
+        if desired == REMOVED:
+            self.store.delete_component(name)
+            self._notify()
+        else:
+            self.store.set_component_status(name, "stopped", "stopped on request")
+
+    def _stop_levels(self, components: list[ComponentRecord]) -> list[list[ComponentRecord]]:
+        """Group components to stop so that dependents stop before what they depend on."""
+        depends_on = {
+            component.name: Component.model_validate(self.store.revision_spec(component.name, component.revision)).depends_on
+            for component in self.store.components()
+        }
+        depth: dict[str, int] = {}
+
+        def depth_of(name: str, seen: frozenset[str] = frozenset()) -> int:
+            if name not in depth:
+                parents = [dependency for dependency in depends_on.get(name, []) if dependency not in seen]
+                depth[name] = 1 + max((depth_of(parent, seen | {name}) for parent in parents), default=0)
+            return depth[name]
+
+        levels: dict[int, list[ComponentRecord]] = {}
+        for component in components:
+            levels.setdefault(depth_of(component.name), []).append(component)
+        return [levels[key] for key in sorted(levels, reverse=True)]
+
+    async def _create_instance(self, name: str, revision: int, spec: Component) -> None:
+        instance_id = f"{name}-{revision}-{secrets.token_hex(3)}"
+        try:
+            ports = allocations.allocate_ports(self.store, instance_id, spec.ports)
+            address = "127.0.0.1"
+            netns_name = None
+            if spec.network.mode == "namespace":
+                if not self.runtime.isolated:
+                    raise allocations.AllocationError(
+                        "network mode \"namespace\" needs the daemon to run as root: run it as root or use mode \"host\""
+                    )
+                index = allocations.allocate_subnet_index(self.store, instance_id, SUBNETS_IN_POOL)
+                address = addressing_for(index, self.subnet_pool).instance_address
+                netns_name = f"osvm-{instance_id}"
+        except (allocations.AllocationError, ValueError) as error:
+            allocations.release(self.store, instance_id)
+            self.store.set_component_status(name, "failed", str(error))
+            self.events.publish("component.failed", str(error), name, level=logging.ERROR)
+            return
+
+        record = InstanceRecord(
+            id=instance_id,
+            component=name,
+            revision=revision,
+            runtime=self.runtime.name,
+            state=InstanceState.CREATED.value,
+            address=address,
+            ports=ports,
+            isolated=self.runtime.isolated,
+            netns=netns_name,
+            created_at=time.time(),
+        )
+        if self.runtime.isolated and self._runtime_has_cgroups():
+            record.cgroup = instance_id
+        try:
+            plan = self._plan_for(record, spec)
+        except ApplyError as error:
+            allocations.release(self.store, instance_id)
+            self.store.set_component_status(name, "failed", str(error))
+            self.events.publish("component.failed", str(error), name, level=logging.ERROR)
+            return
+        self.store.add_instance(record)
+        self.store.set_component_status(name, "starting", f"instance {instance_id} created")
+        supervisor = self._supervisor_for(record, plan)
+        supervisor.start()
+
+    def _runtime_has_cgroups(self) -> bool:
+        return getattr(self.runtime, "cgroup_layout", None) is not None
+
+    def _plan_for(self, record: InstanceRecord, spec: Component | None = None) -> LaunchPlan:
+        if spec is None:
+            spec = Component.model_validate(self.store.revision_spec(record.component, record.revision))
+        instance_dir = self.state_dir / "instances" / record.id
+        data_dir = self.state_dir / "data" / record.id
+        env = self._instance_env(record, spec, data_dir)
+        argv = [_substitute(argument, env, record.component) for argument in spec.argv()]
+        addressing = None
+        if record.netns is not None:
+            index = self._subnet_index(record.id)
+            addressing = addressing_for(index, self.subnet_pool) if index is not None else None
+        return LaunchPlan(
+            instance_id=record.id,
+            component=record.component,
+            spec=spec,
+            argv=argv,
+            env=env,
+            instance_dir=instance_dir,
+            data_dir=data_dir,
+            log_path=instance_dir / "output.log",
+            netns_name=record.netns,
+            addressing=addressing,
+        )
+
+    def _instance_env(self, record: InstanceRecord, spec: Component, data_dir: Path) -> dict[str, str]:
+        env = {key: self.environ[key] for key in _PASSED_ENV if key in self.environ}
+        env["PATH"] = self.environ.get("PATH", _DEFAULT_PATH)
+        env["HOME"] = str(data_dir)
+        env.update(spec.env)
+        env["OSVM_COMPONENT"] = record.component
+        env["OSVM_INSTANCE"] = record.id
+        env["OSVM_REVISION"] = str(record.revision)
+        env["OSVM_ADDRESS"] = record.address
+        env["OSVM_DATA_DIR"] = str(data_dir)
+        for port_name, number in record.ports.items():
+            env[f"OSVM_PORT_{port_name.upper()}"] = str(number)
+        return env
+
+    def _subnet_index(self, owner: str) -> int | None:
+        for _, value, _ in self.store.allocations(allocations.SUBNET, owner):
+            return int(value)
+        return None
+
+    def _supervisor_for(self, record: InstanceRecord, plan: LaunchPlan, handle: Any = None) -> InstanceSupervisor:
+        supervisor = InstanceSupervisor(record, plan, self.runtime, self.store, self.events, self._on_instance_change, handle)
+        self.supervisors[record.id] = supervisor
+        return supervisor
+
+    def _on_instance_change(self, record: InstanceRecord) -> None:
+        self._update_status(record.component, record)
+        self._notify()
+        self.wake()
+
+    def _notify(self) -> None:
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        asyncio.get_running_loop().create_task(notify())
+
+    def _update_status(self, name: str, record: InstanceRecord) -> None:
+        status, reason = _component_status(record)
+        current = self.store.component(name)
+        if current is not None and (current.status, current.status_reason) != (status, reason):
+            self.store.set_component_status(name, status, reason)
+
+    def _forget_finished(self) -> None:
+        for instance_id, supervisor in list(self.supervisors.items()):
+            if supervisor.done:
+                allocations.release(self.store, instance_id)
+                del self.supervisors[instance_id]
+
+    def _is_healthy(self, name: str) -> bool:
+        return any(
+            supervisor.healthy for supervisor in self.supervisors.values() if supervisor.record.component == name
+        )
+
+
+def _check_open_files(name: str, open_files: int | None) -> None:
+    """Reject an open files limit above the daemon's hard limit when the daemon cannot raise it."""
+    if open_files is None:
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or open_files <= hard or _has_capability(CAP_SYS_RESOURCE):
+        return
+    raise ApplyError(
+        f"component {name}: resources.open_files {open_files} is above the daemon's hard limit {hard}, "
+        f"and the daemon cannot raise it (it lacks CAP_SYS_RESOURCE): lower open_files, or raise the "
+        f"daemon's limit (LimitNOFILE= in its systemd unit)"
+    )
+
+
+def _has_capability(bit: int) -> bool:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> bit & 1)
+    except OSError:
+        return False
+    return False
+
+
+def _component_status(record: InstanceRecord) -> tuple[str, str]:
+    state = record.state
+    if state == InstanceState.RUNNING.value:
+        if record.health == "unhealthy":
+            return "unhealthy", "probes failing"
+        return "running", ""
+    if state in (InstanceState.CREATED.value, InstanceState.STARTING.value):
+        return "starting", "waiting for probes to pass"
+    if state == InstanceState.BACKOFF.value:
+        return "restarting", record.exit_reason
+    if state == InstanceState.STOPPING.value:
+        return "stopping", ""
+    if state == InstanceState.FAILED.value:
+        return "failed", record.exit_reason or "failed"
+    if state == InstanceState.EXITED.value:
+        return "exited", record.exit_reason
+    return "stopped", record.exit_reason
+
+
+def _substitute(argument: str, env: dict[str, str], component: str) -> str:
+    """Replace ${NAME} references in a command element with the instance's environment."""
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in env:
+            raise ApplyError(
+                f"component {component}: command references ${{{name}}}, which is not set: "
+                f"declare the port or set it in env"
+            )
+        return env[name]
+
+    return _REFERENCE.sub(replace, argument)

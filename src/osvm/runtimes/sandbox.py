@@ -1,0 +1,123 @@
+"""The command line that starts an instance inside its sandbox.
+
+The chain, each step exec-ing the next so the spawned pid stays the same process:
+
+    sh (joins the cgroups) -> nsenter (network namespace) -> prlimit (rlimits)
+       -> bwrap (PID, mount, UTS, IPC namespaces; read-only system; private /tmp)
+       -> setpriv (unprivileged user, no new privileges, empty capability sets) -> the command
+"""
+
+import pwd
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+# Joins every cgroup named before "--", then execs the rest. The pid written is this shell's, and
+# exec keeps it, so the whole sandbox starts inside the cgroups and no fork escapes the limits.
+_JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
+
+# Default descriptor for bwrap's JSON status: the child pid first, the exit code last.
+STATUS_FD = 3
+
+REQUIRED_TOOLS = ("bwrap", "setpriv", "prlimit", "nsenter")
+
+
+class SandboxError(Exception):
+    """The sandbox cannot be built on this host or for this spec."""
+
+
+@dataclass(frozen=True)
+class SandboxUser:
+    name: str
+    uid: int
+    gid: int
+
+
+def find_user(name: str) -> SandboxUser:
+    """Look up the user an instance runs as.
+
+    Raises SandboxError naming the user and how to create it.
+    """
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise SandboxError(
+            f"user {name!r} does not exist on this host: create it with `useradd --system --no-create-home "
+            f"--shell /usr/sbin/nologin {name}` or set `user` in the component"
+        ) from None
+    if entry.pw_uid == 0:
+        raise SandboxError(f"user {name!r} is root: components run as an unprivileged user, so choose another user")
+    return SandboxUser(name, entry.pw_uid, entry.pw_gid)
+
+
+def missing_tools() -> list[str]:
+    """Return the sandbox tools that are not on PATH."""
+    return [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+
+
+def build_sandbox_argv(
+    argv: list[str],
+    *,
+    hostname: str,
+    user: SandboxUser,
+    data_dir: Path,
+    workdir: str | None,
+    hidden_dirs: list[Path],
+    procs_files: list[Path],
+    netns_path: str | None,
+    open_files: int | None,
+    status_fd: int = STATUS_FD,
+) -> list[str]:
+    """Return the full command line that runs `argv` isolated.
+
+    `hidden_dirs` are covered with an empty tmpfs, so the instance cannot see the daemon's state,
+    and `data_dir` is then bound read-write at its own path as the only writable directory besides /tmp.
+    """
+    chain: list[str] = ["/bin/sh", "-c", _JOIN_CGROUPS, "osvm-join-cgroups"]
+    chain += [str(path) for path in procs_files]
+    chain.append("--")
+
+    if netns_path is not None:
+        chain += ["nsenter", f"--net={netns_path}", "--"]
+
+    limits = ["--core=0"]
+    if open_files is not None:
+        limits.append(f"--nofile={open_files}:{open_files}")
+    chain += ["prlimit", *limits, "--"]
+
+    chain += [
+        "bwrap",
+        "--ro-bind", "/", "/",
+        "--proc", "/proc",
+        "--dev", "/dev",
+        # Sticky and world-writable, as on a normal host, so the unprivileged user can use them.
+        "--perms", "1777", "--tmpfs", "/dev/shm",
+        "--perms", "1777", "--tmpfs", "/tmp",
+        "--perms", "1777", "--tmpfs", "/var/tmp",
+    ]
+    for hidden in hidden_dirs:
+        chain += ["--tmpfs", str(hidden)]
+    chain += ["--bind", str(data_dir), str(data_dir)]
+    chain += [
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--hostname", hostname,
+        "--new-session",
+        "--chdir", workdir or str(data_dir),
+        "--json-status-fd", str(status_fd),
+        "--",
+    ]
+
+    chain += [
+        "setpriv",
+        f"--reuid={user.uid}",
+        f"--regid={user.gid}",
+        "--clear-groups",
+        "--no-new-privs",
+        "--bounding-set=-all",
+        "--inh-caps=-all",
+        "--",
+    ]
+    return chain + argv

@@ -1,0 +1,280 @@
+"""One task per instance: start it, see its exit at once, probe it, and restart it with backoff."""
+
+import asyncio
+import enum
+import logging
+import time
+from typing import Callable
+
+from osvm.probes import HealthMonitor, ProbeTarget
+from osvm.runtimes.base import ExitStatus, LaunchPlan, ProcessHandle, Runtime
+from osvm.store import InstanceRecord, Store
+from osvm.store.events import EventBus
+from osvm.supervise.restart import RestartTracker
+
+logger = logging.getLogger("osvm.supervise")
+
+
+class InstanceState(str, enum.Enum):
+    """Lifecycle of one instance, as stored in the instances table."""
+
+    #: Resources allocated, process not started yet.
+    CREATED = "created"
+    #: Process started, waiting for its probes to pass.
+    STARTING = "starting"
+    #: Process running and probes passed at least once.
+    RUNNING = "running"
+    #: Process exited, waiting out the restart delay.
+    BACKOFF = "backoff"
+    #: Stop requested: stop signal sent, grace period running.
+    STOPPING = "stopping"
+    #: Stopped on request and cleaned up.
+    STOPPED = "stopped"
+    #: Exited and not restarted, by policy.
+    EXITED = "exited"
+    #: Gave up after too many restarts in the policy window.
+    FAILED = "failed"
+
+
+# Called with the instance after every change of state or health, so the reconciler can react.
+ChangeCallback = Callable[[InstanceRecord], None]
+
+
+class InstanceSupervisor:
+    """Own one instance from start to cleanup: the only writer of its row in the store."""
+
+    def __init__(
+        self,
+        record: InstanceRecord,
+        plan: LaunchPlan,
+        runtime: Runtime,
+        store: Store,
+        events: EventBus,
+        on_change: ChangeCallback,
+        handle: ProcessHandle | None = None,
+    ):
+        self.record = record
+        self.plan = plan
+        self.runtime = runtime
+        self.store = store
+        self.events = events
+        self.on_change = on_change
+        self.handle = handle
+        self.monitor: HealthMonitor | None = None
+        self.tracker = RestartTracker(plan.spec.restart, record.restart_times)
+        self.log = logger.getChild(record.id)
+        self._stop_requested = asyncio.Event()
+        self._restart_requested = False
+        self._task: asyncio.Task[None] | None = None
+        self._liveness_failed = False
+
+    # --- public interface --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the supervision task."""
+        self._task = asyncio.create_task(self._run(), name=f"supervise-{self.record.id}")
+
+    async def stop(self, reason: str) -> None:
+        """Stop the instance (stop signal, grace period, SIGKILL), clean up, and wait for the task."""
+        if self._stop_requested.is_set():
+            if self._task is not None:
+                await asyncio.shield(self._task)
+            return
+        self._stop_reason = reason
+        self._stop_requested.set()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def restart(self) -> None:
+        """Stop the process and start it again at once, without counting against the restart policy."""
+        if self.handle is None:
+            return
+        self._restart_requested = True
+        await self.runtime.stop(self.handle, self.plan)
+
+    def detach(self) -> None:
+        """Cancel supervision but leave the process running, for a daemon that is shutting down."""
+        if self._task is not None:
+            self._task.cancel()
+
+    @property
+    def done(self) -> bool:
+        return self._task is not None and self._task.done()
+
+    @property
+    def healthy(self) -> bool:
+        return self.record.state == InstanceState.RUNNING and self.record.health == "healthy"
+
+    # --- supervision loop --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            await self._supervise()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the task must record every failure before it ends.
+            self.log.exception("supervision of instance %s failed", self.record.id)
+            self._set_state(InstanceState.FAILED, f"supervision failed: {error}")
+            self.events.publish("instance.failed", f"supervision failed: {error}", self.record.component, self.record.id)
+            await self._cleanup()
+
+    async def _supervise(self) -> None:
+        if self.handle is None:
+            try:
+                await self.runtime.prepare(self.plan)
+            except Exception as error:  # noqa: BLE001 - a preparation error ends this instance with its reason.
+                self._fail(f"cannot prepare the instance: {error}")
+                await self._cleanup()
+                return
+
+        while True:
+            if self.handle is None:
+                if not await self._start_process():
+                    await self._cleanup()
+                    return
+            exit_status = await self._watch()
+            self.handle = None
+
+            if self._stop_requested.is_set():
+                self._set_state(InstanceState.STOPPED, f"stopped: {self._stop_reason}", exit_status)
+                self.events.publish(
+                    "instance.stopped", f"{self._stop_reason}: {exit_status.reason}", self.record.component, self.record.id
+                )
+                await self._cleanup()
+                return
+
+            if self._restart_requested:
+                self._restart_requested = False
+                self.events.publish("instance.restarting", "restart requested by the operator", self.record.component, self.record.id)
+                continue
+
+            reason = exit_status.reason
+            if self._liveness_failed:
+                reason = f"restarted because a liveness probe failed ({reason})"
+                self._liveness_failed = False
+            decision = self.tracker.decide(reason, exit_status.success and not reason.startswith("restarted"), time.time())
+            self.record.restart_times = list(self.tracker.restart_times)
+            if decision.failed:
+                self._set_state(InstanceState.FAILED, decision.reason, exit_status)
+                self.events.publish("instance.failed", decision.reason, self.record.component, self.record.id, logging.ERROR)
+                await self._cleanup()
+                return
+            if not decision.restart:
+                self._set_state(InstanceState.EXITED, decision.reason, exit_status)
+                self.events.publish("instance.exited", decision.reason, self.record.component, self.record.id)
+                await self._cleanup()
+                return
+
+            self._set_state(InstanceState.BACKOFF, decision.reason, exit_status)
+            self.events.publish("instance.backoff", decision.reason, self.record.component, self.record.id, logging.WARNING)
+            try:
+                await asyncio.wait_for(self._stop_requested.wait(), decision.delay)
+            except TimeoutError:
+                pass
+            if self._stop_requested.is_set():
+                self._set_state(InstanceState.STOPPED, f"stopped during restart backoff: {self._stop_reason}")
+                self.events.publish("instance.stopped", self._stop_reason, self.record.component, self.record.id)
+                await self._cleanup()
+                return
+            self.record.restarts += 1
+
+    async def _start_process(self) -> bool:
+        try:
+            self.handle = await self.runtime.start(self.plan)
+        except Exception as error:  # noqa: BLE001 - a start error ends this instance with its reason.
+            self._fail(f"cannot start: {error}")
+            return False
+        record_start = getattr(self.runtime, "record_start", None)
+        if record_start is not None:
+            record_start(self.handle, self.plan)
+        self.record.pid = self.handle.pid
+        self.record.pid_start_time = self.handle.start_time
+        self.record.started_at = time.time()
+        self.record.exit_code = None
+        self._set_state(InstanceState.STARTING, "started")
+        self.events.publish(
+            "instance.started",
+            f"started revision {self.record.revision} as pid {self.handle.pid} ({self._isolation_summary()})",
+            self.record.component,
+            self.record.id,
+        )
+        return True
+
+    async def _watch(self) -> ExitStatus:
+        """Run the probes while the process runs; return when it exits or a stop was requested and done."""
+        assert self.handle is not None
+        handle = self.handle
+        target = ProbeTarget(
+            host=self.record.address,
+            ports=dict(self.record.ports),
+            exec_prefix=tuple(self.runtime.exec_prefix(handle, self.plan)),
+            env=dict(self.plan.env),
+        )
+        self.monitor = HealthMonitor(
+            list(self.plan.spec.probes), target, self._on_health_change, started_at=time.monotonic(), logger=self.log
+        )
+        monitor_task = asyncio.create_task(self.monitor.run(), name=f"probes-{self.record.id}")
+        wait_task = asyncio.create_task(self.runtime.wait(handle, self.plan), name=f"wait-{self.record.id}")
+        stop_task = asyncio.create_task(self._stop_requested.wait())
+        try:
+            done, _ = await asyncio.wait({wait_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if wait_task not in done:
+                self._set_state(InstanceState.STOPPING, f"stopping: {self._stop_reason}")
+                monitor_task.cancel()
+                await self.runtime.stop(handle, self.plan)
+            return await wait_task
+        finally:
+            stop_task.cancel()
+            monitor_task.cancel()
+            if not wait_task.done():
+                wait_task.cancel()
+            await asyncio.gather(monitor_task, stop_task, return_exceptions=True)
+            self.monitor = None
+
+    # --- state changes -----------------------------------------------------------------------
+
+    def _on_health_change(self, old: str, new: str, reason: str, liveness_failed: bool) -> None:
+        self.record.health = new
+        if new == "healthy" and self.record.state == InstanceState.STARTING:
+            self.record.state = InstanceState.RUNNING
+        self.store.update_instance(self.record)
+        self.events.publish(f"instance.{new}", reason, self.record.component, self.record.id)
+        self.on_change(self.record)
+        if liveness_failed and self.handle is not None and not self._stop_requested.is_set():
+            self._liveness_failed = True
+            asyncio.create_task(self.runtime.stop(self.handle, self.plan), name=f"liveness-stop-{self.record.id}")
+
+    def _set_state(self, state: InstanceState, reason: str, exit_status: ExitStatus | None = None) -> None:
+        self.record.state = state.value
+        if state in (InstanceState.STARTING, InstanceState.BACKOFF, InstanceState.STOPPED, InstanceState.EXITED, InstanceState.FAILED):
+            self.record.health = "unknown" if state == InstanceState.STARTING else "none"
+        if exit_status is not None:
+            self.record.exit_code = exit_status.code
+            self.record.exit_reason = exit_status.reason
+        if state in (InstanceState.STOPPED, InstanceState.EXITED, InstanceState.FAILED):
+            self.record.stopped_at = time.time()
+            self.record.pid = None
+        self.store.update_instance(self.record)
+        self.log.debug("instance %s is %s: %s", self.record.id, state.value, reason)
+        self.on_change(self.record)
+
+    def _fail(self, reason: str) -> None:
+        self._set_state(InstanceState.FAILED, reason)
+        self.events.publish("instance.failed", reason, self.record.component, self.record.id, logging.ERROR)
+
+    async def _cleanup(self) -> None:
+        try:
+            await self.runtime.cleanup(self.plan)
+        except Exception as error:  # noqa: BLE001 - cleanup errors are logged, and the instance still ends.
+            self.log.error("cleanup of instance %s failed: %s", self.record.id, error)
+        self.on_change(self.record)
+
+    def _isolation_summary(self) -> str:
+        if not self.runtime.isolated:
+            return "not isolated"
+        parts = ["pid/mount/uts/ipc namespaces", f"user {self.plan.spec.user or 'osvm'}"]
+        if self.plan.netns_path:
+            parts.append(f"network namespace at {self.record.address}")
+        return ", ".join(parts)
+
+    _stop_reason = "stop requested"
