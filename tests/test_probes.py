@@ -46,7 +46,7 @@ Handler = Callable[[str, str, dict[str, str], bytes], Any]
 
 
 class StubHttpServer:
-    """HTTP/1.1 server on 127.0.0.1 that answers every request with `handler`, then closes the connection.
+    """HTTP/1.1 server on 127.0.0.1 that responds to every request with `handler`, then closes the connection.
 
     `handler(method, path, headers, body)` returns (status, body text) or (status, body text,
     content type), or an awaitable of one. Tests replace `handler` while the server runs.
@@ -116,7 +116,7 @@ class StubHttpServer:
 
 
 class SolanaStandIn:
-    """Answers like a Solana RPC node: GET /health and the getHealth and getSlot methods on POST /."""
+    """Stand-in for a Solana RPC node: GET /health, and the getHealth and getSlot methods on POST /."""
 
     def __init__(self) -> None:
         self.health_status = 200
@@ -593,7 +593,7 @@ async def test_solana_get_health_other_error_fails(solana):
     assert result.detail == "getHealth returned JSON-RPC error -32601: Method not found"
 
 
-async def test_solana_get_health_unexpected_result_fails(solana):
+async def test_solana_get_health_other_result(solana):
     stand_in, server = solana
     stand_in.get_health = ("result", "degraded")
     probe = SolanaProbe(type="solana", port=server.port)
@@ -958,7 +958,7 @@ async def test_monitor_waits_for_all_probes(http_server, tcp_listener):
     assert recorder.changes == [(STARTING, HEALTHY, "probe http GET /ready on port web passed 1 time", False)]
 
 
-async def test_monitor_back_to_starting_names_waiting_probe():
+async def test_monitor_back_to_starting():
     # The tcp probe fails past its threshold while the http probe has not passed yet. When the
     # tcp probe recovers, the state is "starting" again because the http probe is still waiting.
     # The results are recorded directly, so the monitor does not run.

@@ -289,7 +289,8 @@ def _error(message: str) -> None:
     print(f"osvm: error: {message}", file=sys.stderr)
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _common_options() -> argparse.ArgumentParser:
+    """Return a parent parser with the options accepted both before and after the command."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--state-dir",
@@ -297,12 +298,19 @@ def _build_parser() -> argparse.ArgumentParser:
         help="state directory of the daemon (default: $OSVM_STATE_DIR, /var/lib/osvm for root, ~/.local/state/osvm otherwise)",
     )
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of text")
+    return common
 
+
+def _build_parser() -> argparse.ArgumentParser:
+    # A parent shares its option objects with every parser built from it, and set_defaults below
+    # changes their defaults. The top-level parser therefore gets its own copy: with a shared one,
+    # each command would reset `--state-dir DIR` and `--json` given before it to the defaults.
     parser = argparse.ArgumentParser(
         prog="osvm",
         description="Run blockchain infrastructure as isolated components and keep it healthy.",
-        parents=[common],
+        parents=[_common_options()],
     )
+    common = _common_options()
     parser.set_defaults(state_dir=None, json=False)
     parser.add_argument("--version", action="version", version=f"osvm {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -22,7 +22,7 @@ USER_PATTERN = r"^(?:[A-Za-z_][A-Za-z0-9_.-]{0,31}|[0-9]+)$"
 # osvm substitutes these references in command elements with the component's port numbers.
 PORT_REFERENCE_PATTERN = re.compile(r"\$\{OSVM_PORT_([A-Za-z0-9_]+)\}")
 
-# A smaller memory limit is almost always a size written without its unit, such as 512 for 512MiB.
+# A smaller memory limit is usually a size written without its unit, such as 512 meant as 512MiB.
 MIN_MEMORY = 1024 * 1024
 
 # Signals that pause, resume or notify a process by default instead of ending it.

@@ -7,6 +7,7 @@ import shlex
 import signal
 import subprocess
 import tempfile
+from typing import IO
 
 from osvm.config.models import ExecProbe
 from osvm.probes.target import ProbeTarget
@@ -30,8 +31,8 @@ def display_command(command: list[str]) -> str:
 async def check_exec(probe: ExecProbe, target: ProbeTarget) -> tuple[bool, str]:
     """Run target.exec_prefix + probe.command and return whether it exited with 0 and a detail.
 
-    The environment is osvm's own plus target.env. The command runs in a new session, so it
-    leads its own process group. When the command exits, the group gets SIGKILL so that
+    The environment is osvm's own plus target.env. The command, or the first program of
+    exec_prefix, runs in a new session, so it leads its own process group. When the command exits, the group gets SIGKILL so that
     background children it left behind stop too. When the caller cancels this coroutine, for
     example on probe.timeout, the group gets SIGKILL before the cancellation goes on.
     The detail contains the exit status and the last line of stdout and stderr.
@@ -78,10 +79,12 @@ def kill_process_group(process_group: int) -> None:
     except ProcessLookupError:
         pass
     except PermissionError as exc:
-        logger.warning("cannot kill process group %d of an exec probe, processes may be left running: %s", process_group, exc)
+        logger.warning(
+            "cannot kill process group %d of an exec probe, processes may be left running: %s", process_group, exc
+        )
 
 
-def _read_tail(output_file) -> str:
+def _read_tail(output_file: IO[bytes]) -> str:
     size = output_file.seek(0, os.SEEK_END)
     output_file.seek(max(0, size - OUTPUT_TAIL_BYTES))
     return output_file.read().decode("utf-8", errors="replace")

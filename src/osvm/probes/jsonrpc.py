@@ -75,8 +75,8 @@ async def call_jsonrpc(
     except ValueError:
         raise InvalidJsonRpcResponse(f"HTTP {status} from {request}, body is not JSON: {snippet(body)}") from None
 
-    # Servers return JSON-RPC errors with status 200 and often with 4xx or 5xx as well, so an
-    # error member is reported first because it says more than the status code.
+    # Servers send JSON-RPC errors with status 200, and some with 4xx or 5xx. The error member
+    # is reported first because it carries more detail than the status code.
     if isinstance(response, dict) and "error" in response:
         error = response["error"]
         if isinstance(error, dict):

@@ -14,7 +14,8 @@ from osvm.probes.runner import HTTP_PROBE_TYPES, run_probe
 from osvm.probes.target import ProbeTarget
 from osvm.probes.tracker import HEALTHY, STARTING, UNHEALTHY, ProbeTracker
 
-# Shortest pause between two runs of one probe, so that an interval of 0 does not busy-loop.
+# Minimum pause in seconds between two runs of one probe, so that a probe whose run takes
+# longer than its interval does not run back to back without yielding.
 MIN_PAUSE = 0.01
 
 StateChangeCallback = Callable[[str, str, str, bool], None]

@@ -1,4 +1,4 @@
-"""Where a probe reaches an instance: its address, named ports and exec wrapper."""
+"""Probe target: the address, named ports and exec wrapper of one running instance."""
 
 from dataclasses import dataclass, field
 
