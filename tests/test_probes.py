@@ -10,11 +10,10 @@ import contextlib
 import inspect
 import json
 import logging
-import os
 import socket
 import sys
 import types
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import httpx
 import pytest
@@ -1006,7 +1005,7 @@ async def test_monitor_without_probes_is_healthy():
         assert not task.done()
 
     assert monitor.describe() == []
-    assert recorder.changes == []
+    assert recorder.changes == [(STARTING, HEALTHY, "no probes are configured", False)]
 
 
 async def test_monitor_describe(closed_port):

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from osvm import __version__
 from osvm.config.load import ConfigError, issues_from_validation_error
 from osvm.config.models import Deployment
+from osvm.deploy.manager import DeployError
 from osvm.logs.files import follow_log, read_logs
 from osvm.reconcile.reconciler import REMOVED, RUNNING, STOPPED, ApplyError
 
@@ -47,6 +48,10 @@ class ApiServer:
                 web.post("/v1/components/{name}/restart", self.restart_component),
                 web.get("/v1/components/{name}/logs", self.logs),
                 web.get("/v1/components/{name}/revisions", self.revisions),
+                web.post("/v1/components/{name}/deploy", self.deploy),
+                web.post("/v1/components/{name}/rollback", self.rollback),
+                web.get("/v1/components/{name}/deployments", self.deployments),
+                web.get("/v1/rollouts/{id}", self.rollout),
                 web.post("/v1/down", self.down),
                 web.get("/v1/events", self.events),
                 web.post("/v1/shutdown", self.shutdown),
@@ -146,6 +151,43 @@ class ApiServer:
         self.daemon.events.publish("deployment.down", f"stopped and removed {len(names)} component(s)")
         return web.json_response({"removed": names})
 
+    async def deploy(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        body = await _json_body(request)
+        if body.get("abort"):
+            record = self.daemon.deployer.abort(name)
+            return web.json_response({"rollout": record.to_json()})
+        spec = body.get("spec")
+        if spec is not None and not isinstance(spec, dict):
+            raise _HttpError(400, "spec must be a JSON object")
+        settings = body.get("set") or []
+        if not isinstance(settings, list) or not all(isinstance(item, str) for item in settings):
+            raise _HttpError(400, "set must be a list of KEY=VALUE strings")
+        record = self.daemon.deployer.deploy(name, spec, settings, str(body.get("trigger") or "osvm deploy"))
+        return web.json_response({"rollout": record.to_json()})
+
+    async def rollback(self, request: web.Request) -> web.Response:
+        record = self.daemon.deployer.rollback(request.match_info["name"])
+        return web.json_response({"rollout": record.to_json()})
+
+    async def deployments(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self._require_component(name)
+        limit = _int_query(request, "limit") or 50
+        return web.json_response(
+            {"component": name, "rollouts": [record.to_json() for record in self.daemon.store.rollouts(name, limit)]}
+        )
+
+    async def rollout(self, request: web.Request) -> web.Response:
+        try:
+            rollout_id = int(request.match_info["id"])
+        except ValueError:
+            raise _HttpError(400, f"rollout id {request.match_info['id']!r} is not a number") from None
+        record = self.daemon.store.rollout(rollout_id)
+        if record is None:
+            raise _HttpError(404, f"rollout {rollout_id} not found: run `osvm deployments COMPONENT` to list them")
+        return web.json_response({"rollout": record.to_json()})
+
     async def revisions(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         self._require_component(name)
@@ -219,6 +261,8 @@ class ApiServer:
             return error_response(error.status, error.message)
         except ApplyError as error:
             return error_response(422, str(error))
+        except DeployError as error:
+            return error_response(error.status, str(error))
         except web.HTTPException:
             raise
         except (ConnectionResetError, asyncio.CancelledError):

@@ -11,7 +11,7 @@ from typing import Any
 
 from osvm import __version__, paths
 from osvm.cli.client import STOP_TIMEOUT, Client, ClientError
-from osvm.cli.output import status_table
+from osvm.cli.output import status_table, table
 from osvm.config.load import ConfigError, load_deployment
 from osvm.config.models import Deployment
 
@@ -75,6 +75,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             _print_json(result)
         return OK
     ok, status = _wait_healthy(client, list(deployment.components), args.timeout, quiet=args.json)
+    for component in status["components"]:
+        rollout = component.get("rollout")
+        if ok and rollout and rollout["state"] in ("starting", "verifying", "promoted", "draining"):
+            follow = argparse.Namespace(json=args.json, detach=False, timeout=args.timeout)
+            ok = _follow_rollout(client, rollout, follow) == OK and ok
+            status = client.get("/v1/status")
     if args.json:
         _print_json({"apply": result, "healthy": ok, "status": status})
     else:
@@ -174,6 +180,103 @@ def cmd_down(args: argparse.Namespace) -> int:
         if args.daemon:
             print("daemon stopped")
     return OK
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.abort:
+        result = client.post(f"/v1/components/{args.component}/deploy", {"abort": True})
+        if args.json:
+            _print_json(result)
+        else:
+            print(f"{args.component}: abort requested for rollout {result['rollout']['id']}")
+        return OK
+    body: dict[str, Any] = {"set": args.set or []}
+    if args.file:
+        deployment = _load(args.file, args.json)
+        if deployment is None:
+            return FAILED
+        if args.component not in deployment.components:
+            _error(f"{args.file}: no component {args.component!r} in the file (declared: {', '.join(deployment.components)})")
+            return FAILED
+        body["spec"] = deployment.components[args.component].model_dump(mode="json")
+    elif not args.set:
+        _error("nothing to deploy: give --file FILE or at least one --set KEY=VALUE")
+        return USAGE
+    result = client.post(f"/v1/components/{args.component}/deploy", body)
+    return _follow_rollout(client, result["rollout"], args)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    client = _client(args)
+    result = client.post(f"/v1/components/{args.component}/rollback")
+    return _follow_rollout(client, result["rollout"], args)
+
+
+def cmd_deployments(args: argparse.Namespace) -> int:
+    result = _client(args).get(f"/v1/components/{args.component}/deployments", limit=args.limit)
+    if args.json:
+        _print_json(result)
+        return OK
+    rows = []
+    for rollout in result["rollouts"]:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rollout["created_at"]))
+        phases = " ".join(_phase_text(phase) for phase in rollout["phases"])
+        rows.append(
+            [
+                str(rollout["id"]),
+                started,
+                f"{rollout['from_revision']} -> {rollout['to_revision']}",
+                rollout["state"],
+                phases or "-",
+                str(rollout["closed_connections"]),
+                rollout["reason"],
+            ]
+        )
+    if not rows:
+        print(f"no rollouts of {args.component} yet")
+        return OK
+    print(table(["ID", "STARTED", "REVISIONS", "OUTCOME", "PHASES", "CLOSED", "REASON"], rows))
+    return OK
+
+
+def _follow_rollout(client: Client, rollout: dict[str, Any], args: argparse.Namespace) -> int:
+    """Print each state change of a rollout until it ends; return OK only when it completed."""
+    if not args.json:
+        print(
+            f"rollout {rollout['id']} of {rollout['component']}: revision {rollout['from_revision']} -> "
+            f"{rollout['to_revision']} ({rollout['strategy']})",
+            flush=True,
+        )
+    if args.detach:
+        if args.json:
+            _print_json({"rollout": rollout})
+        return OK
+    deadline = time.monotonic() + args.timeout
+    shown = ""
+    while True:
+        rollout = client.get(f"/v1/rollouts/{rollout['id']}")["rollout"]
+        line = f"  {rollout['state']}: {rollout['reason']}"
+        if not args.json and line != shown:
+            print(line, flush=True)
+            shown = line
+        if rollout["state"] in ("complete", "rolled_back", "failed"):
+            break
+        if time.monotonic() > deadline:
+            _error(f"rollout {rollout['id']} still {rollout['state']} after {args.timeout:g} s: follow it with `osvm deployments {rollout['component']}`")
+            return FAILED
+        time.sleep(0.2)
+    if args.json:
+        _print_json({"rollout": rollout})
+    else:
+        print("  phases: " + " ".join(_phase_text(phase) for phase in rollout["phases"]))
+    return OK if rollout["state"] == "complete" else FAILED
+
+
+def _phase_text(phase: dict[str, Any]) -> str:
+    if phase.get("finished_at") is None:
+        return f"{phase['phase']}=running"
+    return f"{phase['phase']}={phase['finished_at'] - phase['started_at']:.1f}s"
 
 
 def cmd_revisions(args: argparse.Namespace) -> int:
@@ -361,6 +464,35 @@ def _build_parser() -> argparse.ArgumentParser:
     down = commands.add_parser("down", parents=[common], help="stop and remove every component")
     down.add_argument("--daemon", action="store_true", help="also stop the daemon")
     down.set_defaults(handler=cmd_down)
+
+    deploy = commands.add_parser(
+        "deploy",
+        parents=[common],
+        help="move a component to a new revision: blue-green with a health gate, switch, watch, drain",
+    )
+    deploy.add_argument("component")
+    deploy.add_argument("--file", "-f", help="take the component's new spec from this deployment file")
+    deploy.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="change one key of the current spec, such as env.LOG_LEVEL=debug or command[0]=/opt/node/bin/node (repeatable)",
+    )
+    deploy.add_argument("--abort", action="store_true", help="stop the rollout in progress and keep the old revision")
+    deploy.add_argument("-d", "--detach", action="store_true", help="start the rollout and return without following it")
+    deploy.add_argument("--timeout", type=float, default=900.0, help="seconds to follow the rollout (default 900)")
+    deploy.set_defaults(handler=cmd_deploy)
+
+    rollback = commands.add_parser("rollback", parents=[common], help="deploy the previous revision by the same procedure")
+    rollback.add_argument("component")
+    rollback.add_argument("-d", "--detach", action="store_true", help="start the rollback and return without following it")
+    rollback.add_argument("--timeout", type=float, default=900.0, help="seconds to follow the rollback (default 900)")
+    rollback.set_defaults(handler=cmd_rollback)
+
+    deployments = commands.add_parser("deployments", parents=[common], help="list a component's rollouts: outcome, reason, phase durations")
+    deployments.add_argument("component")
+    deployments.add_argument("--limit", type=int, default=20, help="at most this many rollouts (default 20)")
+    deployments.set_defaults(handler=cmd_deployments)
 
     revisions = commands.add_parser("revisions", parents=[common], help="list the stored revisions of a component")
     revisions.add_argument("component")

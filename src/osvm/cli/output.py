@@ -56,6 +56,15 @@ def status_table(status: dict[str, Any]) -> str:
                 ]
             )
     text = table(headers, rows)
+    endpoints = []
+    for component in status["components"]:
+        endpoint = component.get("endpoint")
+        if not endpoint:
+            continue
+        targets = ", ".join(backend["instance_id"] for backend in endpoint.get("backends", [])) or "no healthy instance"
+        endpoints.append(f"{component['name']}: {endpoint['listen']} ({endpoint['mode']}) -> {targets}")
+    if endpoints:
+        text += "\n\nENDPOINTS\n" + "\n".join(endpoints)
     notes = [
         f"{component['name']}: {component['status']}: {component['reason']}"
         for component in status["components"]

@@ -131,6 +131,63 @@ class Network(StrictModel):
     mode: Literal["host", "namespace"] = "host"
 
 
+# --- endpoint and update -------------------------------------------------------------------
+
+# A listen address: "host:port", "[v6]:port", or "unix:/absolute/path".
+_LISTEN_RE = re.compile(r"^(unix:/.+|\[[0-9a-fA-F:.]+\]:\d{1,5}|[A-Za-z0-9.-]+:\d{1,5})$")
+
+
+class Endpoint(StrictModel):
+    """The stable address of a component's service, owned by the daemon, forwarding to healthy instances."""
+
+    listen: str
+    mode: Literal["http", "tcp"] = "http"
+    # The instance port that traffic goes to: a name from ports. Defaults to the only declared port.
+    port: Annotated[str, Field(pattern=PORT_NAME_PATTERN)] | None = None
+    replicas: Annotated[int, Field(ge=1, le=64)] = 1
+    balance: Literal["round_robin", "least_connections"] = "round_robin"
+    # While no instance is healthy, a new request or connection waits this long before it fails.
+    queue_timeout: Duration = 10.0
+    # After a switch, connections that stay on the old instance are closed after this long.
+    drain_timeout: Duration = 30.0
+    connect_timeout: Duration = 2.0
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, listen: str) -> str:
+        if not _LISTEN_RE.match(listen):
+            raise ValueError(
+                f"invalid listen address {listen!r}: write \"127.0.0.1:8545\", \"[::1]:8545\" or "
+                f"\"unix:/run/osvm/rpc.sock\""
+            )
+        if not listen.startswith("unix:"):
+            port = int(listen.rsplit(":", 1)[1])
+            if not 1 <= port <= 65535:
+                raise ValueError(f"invalid listen port {port} in {listen!r}: use 1 to 65535")
+        return listen
+
+
+class UpdatePolicy(StrictModel):
+    """How `osvm deploy` moves a component to a new revision."""
+
+    # blue-green starts the new instance beside the old one; recreate stops the old one first.
+    strategy: Literal["blue-green", "recreate"] = "blue-green"
+    # The new instance must stay healthy this long after its probes pass before it is promoted.
+    min_healthy_time: Duration = 2.0
+    # The whole gate (start, probes, min_healthy_time, pre_promotion) must finish within this.
+    healthy_deadline: Duration = 120.0
+    # A command that must exit 0 before promotion; it gets OSVM_GREEN_ADDRESS and OSVM_GREEN_PORT_*.
+    pre_promotion: list[str] = []
+    # After the switch, a failing probe or error rate in this window switches traffic back.
+    post_promotion_window: Duration = 10.0
+    # Fraction of failed requests through the endpoint to the new instance that triggers a rollback.
+    max_error_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    # The error rate is judged only once at least this many requests went to the new instance.
+    min_requests: Annotated[int, Field(ge=1)] = 20
+    # With a solana probe: promote only when the new node's getSlot is within this many slots of the old.
+    max_slot_lag: Annotated[int, Field(ge=0)] | None = None
+
+
 # --- probes ----------------------------------------------------------------------------------
 
 
@@ -248,6 +305,8 @@ class Component(StrictModel):
     stop_signal: str = "SIGTERM"
     stop_grace_period: Duration = 10.0
     network: Network = Network()
+    endpoint: Endpoint | None = None
+    update: UpdatePolicy = UpdatePolicy()
 
     @field_validator("runtime")
     @classmethod
@@ -304,10 +363,34 @@ class Component(StrictModel):
 
     @model_validator(mode="after")
     def _check_command_and_ports(self) -> "Component":
-        problems = self._command_problems() + self._port_reference_problems()
+        problems = self._command_problems() + self._port_reference_problems() + self._endpoint_problems()
         if problems:
             raise InvalidFields(problems)
         return self
+
+    def _endpoint_problems(self) -> list[tuple[FieldPath, str]]:
+        if self.endpoint is None:
+            return []
+        if self.endpoint.port is None:
+            if len(self.ports) != 1:
+                return [(
+                    ("endpoint", "port"),
+                    f"the component declares {len(self.ports)} ports, so the endpoint must name the one it "
+                    f"forwards to: set endpoint.port to one of: {', '.join(sorted(self.ports)) or 'none declared'}",
+                )]
+        elif self.endpoint.port not in self.ports:
+            return [(
+                ("endpoint", "port"),
+                f"port {self.endpoint.port!r} is not in ports (declared: {', '.join(sorted(self.ports)) or 'none'}): "
+                f"add it to ports or name a declared port",
+            )]
+        return []
+
+    def backend_port_name(self) -> str | None:
+        """Return the name of the port that the endpoint forwards to, or None without an endpoint."""
+        if self.endpoint is None:
+            return None
+        return self.endpoint.port or next(iter(self.ports))
 
     def _command_problems(self) -> list[tuple[FieldPath, str]]:
         if isinstance(self.command, str):

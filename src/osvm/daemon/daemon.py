@@ -11,6 +11,7 @@ from typing import Any
 
 from osvm import paths
 from osvm.api.server import ApiServer
+from osvm.deploy.manager import DeployError, DeployManager
 from osvm.logs.files import LogRotator
 from osvm.reconcile.reconciler import DEFAULT_SUBNET_POOL, Reconciler
 from osvm.runtimes.process import ProcessRuntime
@@ -45,6 +46,9 @@ class Daemon:
         self.reconciler = Reconciler(
             self.store, self.events, self.runtime, self.state_dir, self.subnet_pool, dict(os.environ)
         )
+        self.deployer = DeployManager(self.store, self.events, self.reconciler)
+        self.reconciler.rollout_running = self.deployer.is_running
+        self.reconciler.start_rollout = self._start_rollout
         self.api = ApiServer(self)
         self.rotator = LogRotator()
 
@@ -58,6 +62,7 @@ class Daemon:
             f"(isolation {'on' if self.runtime.isolated else 'OFF'}, cgroups {self.runtime.cgroup_layout or 'off'})",
         )
         await self.reconciler.recover()
+        await self.deployer.recover()
         await self.api.start(paths.socket_path(self.state_dir))
         tasks = [
             asyncio.create_task(self.reconciler.run(), name="reconcile"),
@@ -68,9 +73,11 @@ class Daemon:
         finally:
             self.events.publish("daemon.stopping", f"{self._shutdown_reason}: instances keep running and are adopted at the next start")
             await self.api.stop()
+            await self.deployer.shutdown()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.reconciler.stop_endpoints()
             await self._detach_supervisors()
             self.store.close()
             logger.info("daemon stopped")
@@ -78,6 +85,12 @@ class Daemon:
     def request_shutdown(self, reason: str) -> None:
         self._shutdown_reason = reason
         self._shutdown.set()
+
+    def _start_rollout(self, name: str, from_revision: int, to_revision: int, spec: Any, trigger: str) -> None:
+        try:
+            self.deployer.start(name, from_revision, to_revision, spec, trigger)
+        except DeployError as error:
+            logger.warning("cannot start a rollout of %s: %s", name, error)
 
     def status(self) -> dict[str, Any]:
         """Return components with their instances, for `osvm status`."""
@@ -102,13 +115,18 @@ class Daemon:
                         "ports": instance.ports,
                         "address": instance.address,
                         "isolated": instance.isolated,
+                        "in_rotation": instance.in_rotation,
                         "netns": instance.netns,
                         "exit_reason": instance.exit_reason,
                         "probes": supervisor.monitor.describe() if supervisor.monitor else [],
                     }
                 )
+            endpoint = self.reconciler.endpoint(record.name)
+            rollout = self.store.rollouts(record.name, limit=1)
             components.append(
                 {
+                    "endpoint": endpoint.describe() if endpoint is not None else None,
+                    "rollout": rollout[0].to_json() if rollout else None,
                     "name": record.name,
                     "deployment": record.deployment,
                     "desired": record.desired,

@@ -21,7 +21,7 @@ logger = logging.getLogger("osvm.probes")
 
 
 def display_command(command: list[str]) -> str:
-    """Return the command as a shell-quoted string cut to MAX_COMMAND_DISPLAY_CHARS, for details and labels."""
+    """Return the command shell-quoted and cut to MAX_COMMAND_DISPLAY_CHARS, for details and labels."""
     text = shlex.join(command)
     if len(text) > MAX_COMMAND_DISPLAY_CHARS:
         return text[:MAX_COMMAND_DISPLAY_CHARS] + "..."
@@ -32,9 +32,10 @@ async def check_exec(probe: ExecProbe, target: ProbeTarget) -> tuple[bool, str]:
     """Run target.exec_prefix + probe.command and return whether it exited with 0 and a detail.
 
     The environment is osvm's own plus target.env. The command, or the first program of
-    exec_prefix, runs in a new session, so it leads its own process group. When the command exits, the group gets SIGKILL so that
-    background children it left behind stop too. When the caller cancels this coroutine, for
-    example on probe.timeout, the group gets SIGKILL before the cancellation goes on.
+    exec_prefix, runs in a new session, so it leads its own process group. When the command
+    exits, the group gets SIGKILL so that background children it left behind stop too.
+    When the caller cancels this coroutine, for example on probe.timeout, the group gets
+    SIGKILL before the cancellation goes on.
     The detail contains the exit status and the last line of stdout and stderr.
     """
     argv = [*target.exec_prefix, *probe.command]

@@ -27,7 +27,9 @@ class HealthMonitor:
     The state is "starting" until every probe has passed success_threshold times in a row,
     then "healthy". It is "unhealthy" while any probe is unhealthy, which it becomes after
     failure_threshold failures in a row. Failures of runs that start within startup_grace
-    after `started_at` do not count. With no probes the state is "healthy" from the start.
+    after `started_at` do not count. With no probes the state is "healthy" from construction,
+    and run() calls on_change("starting", "healthy", ...) once, so a caller that follows
+    on_change sees the instance become healthy.
 
     `on_change(old_state, new_state, reason, liveness_failed)` is called on every change
     of the state. liveness_failed is True when a probe with liveness = true turned
@@ -62,7 +64,7 @@ class HealthMonitor:
 
         Each probe runs every startup_interval until its first pass, then every interval,
         measured from the start of one run to the start of the next. With no probes this
-        only waits for cancellation.
+        reports the instance healthy through on_change and waits for cancellation.
         """
         self._logger.debug("health monitor started with %d probes", len(self._trackers))
         client = None
@@ -70,6 +72,9 @@ class HealthMonitor:
             client = new_http_client()
         try:
             if not self._trackers:
+                reason = "no probes are configured"
+                self._log_change(STARTING, HEALTHY, reason, liveness_failed=False)
+                self._notify(STARTING, HEALTHY, reason, liveness_failed=False)
                 await asyncio.Event().wait()
             else:
                 async with asyncio.TaskGroup() as group:
@@ -138,7 +143,9 @@ class HealthMonitor:
         if old_state == new_state:
             self._logger.log(level, "liveness probe failed while already unhealthy: %s", reason)
         elif liveness_failed:
-            self._logger.log(level, "health changed from %s to %s, liveness probe failed: %s", old_state, new_state, reason)
+            self._logger.log(
+                level, "health changed from %s to %s, liveness probe failed: %s", old_state, new_state, reason
+            )
         else:
             self._logger.log(level, "health changed from %s to %s: %s", old_state, new_state, reason)
 

@@ -11,9 +11,10 @@ import resource
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from osvm.config.models import Component, Deployment
+from osvm.endpoints import Backend, Endpoint, EndpointError
 from osvm.reconcile import allocations
 from osvm.runtimes.base import LaunchPlan, Runtime
 from osvm.runtimes.netns import addressing_for
@@ -69,6 +70,10 @@ class Reconciler:
         self.subnet_pool = subnet_pool
         self.environ = dict(environ or {})
         self.supervisors: dict[str, InstanceSupervisor] = {}
+        self.endpoints: dict[str, Endpoint] = {}
+        # Set by the daemon: whether a rollout owns a component now, and how to start one.
+        self.rollout_running: Callable[[str], bool] = lambda name: False
+        self.start_rollout: Callable[[str, int, int, Component, str], Any] | None = None
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._changed = asyncio.Condition()
@@ -231,14 +236,25 @@ class Reconciler:
     # --- private helpers ---------------------------------------------------------------------
 
     async def _converge_running(self, name: str, revision: int) -> None:
+        if self.rollout_running(name):
+            return
+        spec = Component.model_validate(self.store.revision_spec(name, revision))
+        try:
+            await self._ensure_endpoint(name, spec)
+        except ApplyError:
+            return
         mine = [supervisor for supervisor in self.supervisors.values() if supervisor.record.component == name]
         current = [supervisor for supervisor in mine if supervisor.record.revision == revision]
         outdated = [supervisor for supervisor in mine if supervisor.record.revision != revision]
 
+        if outdated and spec.update.strategy == "blue-green" and self.start_rollout is not None and not current:
+            from_revision = outdated[0].record.revision
+            self.start_rollout(name, from_revision, revision, spec, "osvm up")
+            return
         for supervisor in outdated:
             self.events.publish(
                 "instance.replacing",
-                f"revision {revision} is desired: stopping revision {supervisor.record.revision}",
+                f"revision {revision} is desired: stopping revision {supervisor.record.revision} (update strategy recreate)",
                 name,
                 supervisor.record.id,
             )
@@ -247,13 +263,13 @@ class Reconciler:
 
         if current:
             self._update_status(name, current[0].record)
-            return
-
         status = self.store.component(name)
-        if status is not None and status.status in ("failed", "exited"):
+        if status is not None and status.status in ("failed", "exited") and not current:
             return
 
-        spec = Component.model_validate(self.store.revision_spec(name, revision))
+        wanted = spec.endpoint.replicas if spec.endpoint else 1
+        if len(current) >= wanted:
+            return
         waiting = [dependency for dependency in spec.depends_on if not self._is_healthy(dependency)]
         if waiting:
             reason = f"waiting for {', '.join(waiting)} to become healthy"
@@ -261,7 +277,13 @@ class Reconciler:
                 self.store.set_component_status(name, "waiting", reason)
                 self.events.publish("component.waiting", reason, name)
             return
-        await self._create_instance(name, revision, spec)
+        for _ in range(wanted - len(current)):
+            try:
+                self.create_instance(name, revision, spec, in_rotation=True)
+            except ApplyError as error:
+                self.store.set_component_status(name, "failed", str(error))
+                self.events.publish("component.failed", str(error), name, level=logging.ERROR)
+                return
 
     async def _converge_stopped(self, name: str, desired: str) -> None:
         mine = [supervisor for supervisor in self.supervisors.values() if supervisor.record.component == name]
@@ -269,6 +291,7 @@ class Reconciler:
             await supervisor.stop("stop requested" if desired == STOPPED else "component removed")
         self._forget_finished()
         if desired == REMOVED:
+            await self._stop_endpoint(name)
             self.store.delete_component(name)
             self._notify()
         else:
@@ -293,7 +316,11 @@ class Reconciler:
             levels.setdefault(depth_of(component.name), []).append(component)
         return [levels[key] for key in sorted(levels, reverse=True)]
 
-    async def _create_instance(self, name: str, revision: int, spec: Component) -> None:
+    def create_instance(self, name: str, revision: int, spec: Component, in_rotation: bool) -> InstanceSupervisor:
+        """Allocate, record and start a new instance of a revision; return its supervisor.
+
+        Raises ApplyError when ports, a subnet or the command cannot be resolved.
+        """
         instance_id = f"{name}-{revision}-{secrets.token_hex(3)}"
         try:
             ports = allocations.allocate_ports(self.store, instance_id, spec.ports)
@@ -309,9 +336,7 @@ class Reconciler:
                 netns_name = f"osvm-{instance_id}"
         except (allocations.AllocationError, ValueError) as error:
             allocations.release(self.store, instance_id)
-            self.store.set_component_status(name, "failed", str(error))
-            self.events.publish("component.failed", str(error), name, level=logging.ERROR)
-            return
+            raise ApplyError(str(error)) from None
 
         record = InstanceRecord(
             id=instance_id,
@@ -322,6 +347,7 @@ class Reconciler:
             address=address,
             ports=ports,
             isolated=self.runtime.isolated,
+            in_rotation=in_rotation,
             netns=netns_name,
             created_at=time.time(),
         )
@@ -329,15 +355,77 @@ class Reconciler:
             record.cgroup = instance_id
         try:
             plan = self._plan_for(record, spec)
-        except ApplyError as error:
+        except ApplyError:
             allocations.release(self.store, instance_id)
-            self.store.set_component_status(name, "failed", str(error))
-            self.events.publish("component.failed", str(error), name, level=logging.ERROR)
-            return
+            raise
         self.store.add_instance(record)
-        self.store.set_component_status(name, "starting", f"instance {instance_id} created")
+        if in_rotation:
+            self.store.set_component_status(name, "starting", f"instance {instance_id} created")
         supervisor = self._supervisor_for(record, plan)
         supervisor.start()
+        return supervisor
+
+    def supervisor(self, instance_id: str) -> InstanceSupervisor | None:
+        return self.supervisors.get(instance_id)
+
+    def endpoint(self, name: str) -> Endpoint | None:
+        return self.endpoints.get(name)
+
+    def set_component_revision(self, name: str, revision: int) -> None:
+        record = self.store.component(name)
+        if record is not None:
+            self.store.upsert_component(name, record.deployment, record.file, record.desired, revision)
+
+    def sync_endpoint(self, name: str) -> None:
+        """Give the component's endpoint exactly its healthy instances that are in rotation."""
+        endpoint = self.endpoints.get(name)
+        if endpoint is None:
+            return
+        backends = []
+        for supervisor in self.supervisors.values():
+            record = supervisor.record
+            if record.component != name or not record.in_rotation or not supervisor.healthy:
+                continue
+            port_name = supervisor.plan.spec.backend_port_name()
+            if port_name is None or port_name not in record.ports:
+                continue
+            backends.append(Backend(record.id, record.address, record.ports[port_name]))
+        backends.sort(key=lambda backend: backend.instance_id)
+        if [backend.instance_id for backend in endpoint.backends] != [backend.instance_id for backend in backends]:
+            endpoint.set_backends(backends)
+            listed = ", ".join(backend.instance_id for backend in backends) or "none (requests wait, then fail)"
+            self.events.publish("endpoint.backends", f"{endpoint.listen_address} now forwards to {listed}", name)
+
+    async def _ensure_endpoint(self, name: str, spec: Component) -> None:
+        existing = self.endpoints.get(name)
+        if spec.endpoint is None:
+            if existing is not None:
+                await self._stop_endpoint(name)
+            return
+        if existing is not None and existing.spec == spec.endpoint:
+            return
+        if existing is not None:
+            await self._stop_endpoint(name)
+        endpoint = Endpoint(name, spec.endpoint, logger.getChild(f"endpoint.{name}"))
+        try:
+            await endpoint.start()
+        except EndpointError as error:
+            self.store.set_component_status(name, "failed", str(error))
+            self.events.publish("endpoint.failed", str(error), name, level=logging.ERROR)
+            raise ApplyError(str(error)) from None
+        self.endpoints[name] = endpoint
+        self.events.publish("endpoint.started", f"listening on {endpoint.listen_address} ({spec.endpoint.mode})", name)
+        self.sync_endpoint(name)
+
+    async def _stop_endpoint(self, name: str) -> None:
+        endpoint = self.endpoints.pop(name, None)
+        if endpoint is not None:
+            await endpoint.stop()
+            self.events.publish("endpoint.stopped", f"stopped listening on {endpoint.listen_address}", name)
+
+    async def stop_endpoints(self) -> None:
+        for name in list(self.endpoints):
+            await self._stop_endpoint(name)
 
     def _runtime_has_cgroups(self) -> bool:
         return getattr(self.runtime, "cgroup_layout", None) is not None
@@ -391,7 +479,9 @@ class Reconciler:
         return supervisor
 
     def _on_instance_change(self, record: InstanceRecord) -> None:
-        self._update_status(record.component, record)
+        if record.in_rotation:
+            self._update_status(record.component, record)
+        self.sync_endpoint(record.component)
         self._notify()
         self.wake()
 

@@ -1,3 +1,19 @@
-from osvm.store.db import LIVE_STATES, ComponentRecord, Event, InstanceRecord, Store
+from osvm.store.db import (
+    ACTIVE_ROLLOUT_STATES,
+    LIVE_STATES,
+    ComponentRecord,
+    Event,
+    InstanceRecord,
+    RolloutRecord,
+    Store,
+)
 
-__all__ = ["LIVE_STATES", "ComponentRecord", "Event", "InstanceRecord", "Store"]
+__all__ = [
+    "ACTIVE_ROLLOUT_STATES",
+    "LIVE_STATES",
+    "ComponentRecord",
+    "Event",
+    "InstanceRecord",
+    "RolloutRecord",
+    "Store",
+]

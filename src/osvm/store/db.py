@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS instances (
     address TEXT NOT NULL DEFAULT '127.0.0.1',
     ports TEXT NOT NULL DEFAULT '{}',
     isolated INTEGER NOT NULL DEFAULT 0,
+    in_rotation INTEGER NOT NULL DEFAULT 1,
     restarts INTEGER NOT NULL DEFAULT 0,
     restart_times TEXT NOT NULL DEFAULT '[]',
     exit_code INTEGER,
@@ -72,6 +73,23 @@ CREATE TABLE IF NOT EXISTS events (
     kind TEXT NOT NULL,
     reason TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    component TEXT NOT NULL,
+    from_revision INTEGER NOT NULL,
+    to_revision INTEGER NOT NULL,
+    strategy TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    blue TEXT NOT NULL DEFAULT '[]',
+    green TEXT NOT NULL DEFAULT '[]',
+    phases TEXT NOT NULL DEFAULT '[]',
+    closed_connections INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS rollouts_by_component ON rollouts (component, id);
 CREATE TABLE IF NOT EXISTS allocations (
     kind TEXT NOT NULL,
     value TEXT NOT NULL,
@@ -102,6 +120,8 @@ class InstanceRecord:
     address: str = "127.0.0.1"
     ports: dict[str, int] = field(default_factory=dict)
     isolated: bool = False
+    # False while the instance is kept out of its endpoint, such as a green instance before promotion.
+    in_rotation: bool = True
     restarts: int = 0
     restart_times: list[float] = field(default_factory=list)
     exit_code: int | None = None
@@ -123,6 +143,49 @@ class ComponentRecord:
     status: str
     status_reason: str
     updated_at: float
+
+
+# Rollout states before the rollout ended.
+ACTIVE_ROLLOUT_STATES = ("starting", "verifying", "promoted", "draining")
+
+
+@dataclass
+class RolloutRecord:
+    """One row of the rollouts table: the move of a component from one revision to another."""
+
+    id: int
+    component: str
+    from_revision: int
+    to_revision: int
+    strategy: str
+    trigger: str
+    state: str
+    reason: str = ""
+    blue: list[str] = field(default_factory=list)
+    green: list[str] = field(default_factory=list)
+    # Each phase: {"phase": name, "started_at": time, "finished_at": time or None}.
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    closed_connections: int = 0
+    created_at: float = 0.0
+    finished_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "component": self.component,
+            "from_revision": self.from_revision,
+            "to_revision": self.to_revision,
+            "strategy": self.strategy,
+            "trigger": self.trigger,
+            "state": self.state,
+            "reason": self.reason,
+            "blue": self.blue,
+            "green": self.green,
+            "phases": self.phases,
+            "closed_connections": self.closed_connections,
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+        }
 
 
 @dataclass
@@ -291,6 +354,52 @@ class Store:
         params.append(limit)
         return [Event(**dict(row)) for row in self._all(query, tuple(params))]
 
+    # --- rollouts ----------------------------------------------------------------------------
+
+    def save_rollout(self, rollout: "RolloutRecord") -> int:
+        """Insert a rollout (when its id is 0) or update it; return its id."""
+        columns = {
+            "component": rollout.component,
+            "from_revision": rollout.from_revision,
+            "to_revision": rollout.to_revision,
+            "strategy": rollout.strategy,
+            "trigger": rollout.trigger,
+            "state": rollout.state,
+            "reason": rollout.reason,
+            "blue": json.dumps(rollout.blue),
+            "green": json.dumps(rollout.green),
+            "phases": json.dumps(rollout.phases),
+            "closed_connections": rollout.closed_connections,
+            "created_at": rollout.created_at,
+            "finished_at": rollout.finished_at,
+        }
+        with self._lock:
+            if rollout.id == 0:
+                names = ", ".join(columns)
+                marks = ", ".join("?" for _ in columns)
+                cursor = self._db.execute(f"INSERT INTO rollouts ({names}) VALUES ({marks})", tuple(columns.values()))
+                rollout.id = cursor.lastrowid or 0
+            else:
+                assignments = ", ".join(f"{name} = ?" for name in columns)
+                self._db.execute(f"UPDATE rollouts SET {assignments} WHERE id = ?", (*columns.values(), rollout.id))
+        return rollout.id
+
+    def rollout(self, rollout_id: int) -> "RolloutRecord | None":
+        row = self._one("SELECT * FROM rollouts WHERE id = ?", (rollout_id,))
+        return _rollout_from_row(row) if row else None
+
+    def rollouts(self, component: str | None = None, limit: int = 50) -> list["RolloutRecord"]:
+        if component is None:
+            rows = self._all("SELECT * FROM rollouts ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = self._all("SELECT * FROM rollouts WHERE component = ? ORDER BY id DESC LIMIT ?", (component, limit))
+        return [_rollout_from_row(row) for row in rows]
+
+    def active_rollouts(self) -> list["RolloutRecord"]:
+        marks = ", ".join("?" for _ in ACTIVE_ROLLOUT_STATES)
+        rows = self._all(f"SELECT * FROM rollouts WHERE state IN ({marks}) ORDER BY id", ACTIVE_ROLLOUT_STATES)
+        return [_rollout_from_row(row) for row in rows]
+
     # --- allocations -------------------------------------------------------------------------
 
     def allocate(self, kind: str, value: str, owner: str) -> bool:
@@ -366,6 +475,13 @@ class _Transaction:
             self._lock.release()
 
 
+def _rollout_from_row(row: sqlite3.Row) -> RolloutRecord:
+    values = dict(row)
+    for key in ("blue", "green", "phases"):
+        values[key] = json.loads(values[key])
+    return RolloutRecord(**values)
+
+
 def _instance_columns(record: InstanceRecord) -> dict[str, Any]:
     return {
         "id": record.id,
@@ -381,6 +497,7 @@ def _instance_columns(record: InstanceRecord) -> dict[str, Any]:
         "address": record.address,
         "ports": json.dumps(record.ports, sort_keys=True),
         "isolated": int(record.isolated),
+        "in_rotation": int(record.in_rotation),
         "restarts": record.restarts,
         "restart_times": json.dumps(record.restart_times),
         "exit_code": record.exit_code,
@@ -396,4 +513,5 @@ def _instance_from_row(row: sqlite3.Row) -> InstanceRecord:
     values["ports"] = json.loads(values["ports"])
     values["restart_times"] = json.loads(values["restart_times"])
     values["isolated"] = bool(values["isolated"])
+    values["in_rotation"] = bool(values["in_rotation"])
     return InstanceRecord(**values)

@@ -1,0 +1,73 @@
+"""End-to-end: the bundled example examples/local-rpc.toml, with a real ganache and a real Redis."""
+
+import json
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from e2e import Osvm
+
+pytestmark = pytest.mark.root
+
+
+def eth_block_number(port: int) -> dict:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/",
+        data=json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber", "params": []}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def redis_ping(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(b"PING\r\n")
+        return connection.recv(64)
+
+
+def test_example_comes_up(osvm: Osvm, example_file: Path):
+    result = osvm.up(example_file)
+
+    assert "cache: revision 1 created" in result.stdout
+    assert "rpc: revision 1 created" in result.stdout
+
+    status = osvm.status()
+    assert status["daemon"]["isolated"] is True
+    assert status["daemon"]["state_dir"] == str(osvm.state_dir)
+    components = {component["name"]: component for component in status["components"]}
+    assert sorted(components) == ["cache", "rpc"]
+    for name, component in components.items():
+        assert component["status"] == "running", name
+        assert len(component["instances"]) == 1, name
+        instance = component["instances"][0]
+        assert instance["state"] == "running", name
+        assert instance["health"] == "healthy", name
+        assert instance["isolated"] is True, name
+        assert instance["pid"], name
+
+    rpc_port = components["rpc"]["instances"][0]["ports"]["rpc"]
+    reply = eth_block_number(rpc_port)
+    assert reply["id"] == 1
+    assert "error" not in reply
+    assert reply["result"].startswith("0x")
+
+    redis_port = components["cache"]["instances"][0]["ports"]["redis"]
+    assert redis_ping(redis_port).startswith(b"+PONG")
+
+
+def test_example_starts_rpc_after_cache_healthy(osvm: Osvm, example_file: Path):
+    osvm.up(example_file)
+
+    events = osvm.events()
+    cache_healthy = [event for event in events if event["component"] == "cache" and event["kind"] == "instance.healthy"]
+    rpc_started = [event for event in events if event["component"] == "rpc" and event["kind"] == "instance.started"]
+    rpc_waiting = [event for event in events if event["component"] == "rpc" and event["kind"] == "component.waiting"]
+    assert len(cache_healthy) == 1
+    assert len(rpc_started) == 1
+    assert cache_healthy[0]["id"] < rpc_started[0]["id"]
+    assert [event["reason"] for event in rpc_waiting] == ["waiting for cache to become healthy"]
+    assert "probe tcp on port redis passed" in cache_healthy[0]["reason"]
