@@ -11,10 +11,9 @@ import resource
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from osvm.config.models import Component, Deployment
-from osvm.endpoints import Backend, Endpoint, EndpointError
 from osvm.reconcile import allocations
 from osvm.runtimes.base import LaunchPlan, Runtime
 from osvm.runtimes.netns import addressing_for
@@ -23,6 +22,9 @@ from osvm.runtimes.sandbox import SandboxError, find_user
 from osvm.store import ComponentRecord, InstanceRecord, Store
 from osvm.store.events import EventBus
 from osvm.supervise.supervisor import InstanceState, InstanceSupervisor
+
+if TYPE_CHECKING:
+    from osvm.endpoints import Endpoint
 
 logger = logging.getLogger("osvm.reconcile")
 
@@ -70,7 +72,7 @@ class Reconciler:
         self.subnet_pool = subnet_pool
         self.environ = dict(environ or {})
         self.supervisors: dict[str, InstanceSupervisor] = {}
-        self.endpoints: dict[str, Endpoint] = {}
+        self.endpoints: dict[str, "Endpoint"] = {}
         # Set by the daemon: whether a rollout owns a component now, and how to start one.
         self.rollout_running: Callable[[str], bool] = lambda name: False
         self.start_rollout: Callable[[str, int, int, Component, str], Any] | None = None
@@ -368,7 +370,7 @@ class Reconciler:
     def supervisor(self, instance_id: str) -> InstanceSupervisor | None:
         return self.supervisors.get(instance_id)
 
-    def endpoint(self, name: str) -> Endpoint | None:
+    def endpoint(self, name: str) -> "Endpoint | None":
         return self.endpoints.get(name)
 
     def set_component_revision(self, name: str, revision: int) -> None:
@@ -381,6 +383,8 @@ class Reconciler:
         endpoint = self.endpoints.get(name)
         if endpoint is None:
             return
+        from osvm.endpoints import Backend
+
         backends = []
         for supervisor in self.supervisors.values():
             record = supervisor.record
@@ -406,6 +410,8 @@ class Reconciler:
             return
         if existing is not None:
             await self._stop_endpoint(name)
+        from osvm.endpoints import Endpoint, EndpointError
+
         endpoint = Endpoint(name, spec.endpoint, logger.getChild(f"endpoint.{name}"))
         try:
             await endpoint.start()
