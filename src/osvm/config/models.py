@@ -125,10 +125,65 @@ class RestartPolicy(StrictModel):
         return self
 
 
+_EGRESS_RE = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3})(?:/(\d{1,2}))?(?::(\d{1,5}))?$")
+
+
 class Network(StrictModel):
     """Network placement: the host's network, or a network namespace with its own veth pair."""
 
     mode: Literal["host", "namespace"] = "host"
+    # Extra egress a namespaced instance may open besides the endpoints policy allows: "CIDR" or "CIDR:port".
+    allow_egress: list[str] = []
+
+    @field_validator("allow_egress")
+    @classmethod
+    def _check_egress(cls, entries: list[str]) -> list[str]:
+        problems: list[tuple[FieldPath, str]] = []
+        for index, entry in enumerate(entries):
+            match = _EGRESS_RE.match(entry)
+            valid = match is not None
+            if match is not None:
+                octets_ok = all(int(octet) <= 255 for octet in match.group(1).split("."))
+                prefix_ok = match.group(2) is None or int(match.group(2)) <= 32
+                port_ok = match.group(3) is None or 1 <= int(match.group(3)) <= 65535
+                valid = octets_ok and prefix_ok and port_ok
+            if not valid:
+                problems.append(((index,), f"invalid egress rule {entry!r}: write \"CIDR\" or \"CIDR:port\", such as \"10.0.0.0/8:443\""))
+        if problems:
+            raise InvalidFields(problems)
+        return entries
+
+
+class TlsSettings(StrictModel):
+    """The instance's certificate from the internal CA, and how the instance learns of a renewal."""
+
+    # Certificate lifetime; renewal happens at two-thirds of it, with jitter.
+    lifetime: Duration = 86400.0
+    # DNS names added as SANs besides the component name.
+    dns_names: list[str] = []
+    # Signal sent to the instance after the files are swapped, such as "SIGHUP"; none by default.
+    reload_signal: str | None = None
+    # Command run on the host after the files are swapped, instead of or besides the signal.
+    reload_command: list[str] = []
+
+    @field_validator("lifetime")
+    @classmethod
+    def _check_lifetime(cls, lifetime: float) -> float:
+        if not 300 <= lifetime <= 30 * 86400:
+            raise ValueError(f"lifetime {lifetime:g} s is out of range: use 5m to 30 days (720h)")
+        return lifetime
+
+    @field_validator("reload_signal")
+    @classmethod
+    def _check_reload_signal(cls, name: str | None) -> str | None:
+        if name is None:
+            return None
+        normalized = name.strip().upper()
+        if not normalized.startswith("SIG"):
+            normalized = "SIG" + normalized
+        if normalized not in signal.Signals.__members__:
+            raise ValueError(f"unknown signal {name!r}: use a name such as \"SIGHUP\"")
+        return normalized
 
 
 # --- endpoint and update -------------------------------------------------------------------
@@ -151,6 +206,13 @@ class Endpoint(StrictModel):
     # After a switch, connections that stay on the old instance are closed after this long.
     drain_timeout: Duration = 30.0
     connect_timeout: Duration = 2.0
+    # "server": TLS for clients with the endpoint's certificate; "mutual": clients must present a
+    # certificate from the internal CA, and policy decides by its identity.
+    tls: Literal["none", "server", "mutual"] = "none"
+    # A public endpoint accepts every client that completes the handshake; policy is not applied.
+    public: bool = False
+    # Use mTLS from the endpoint to the instance too; the instance must serve TLS with its certificate.
+    upstream_tls: bool = False
 
     @field_validator("listen")
     @classmethod
@@ -307,6 +369,8 @@ class Component(StrictModel):
     network: Network = Network()
     endpoint: Endpoint | None = None
     update: UpdatePolicy = UpdatePolicy()
+    # Issue the instance a certificate from the internal CA (files in OSVM_TLS_CERT, OSVM_TLS_KEY, OSVM_TLS_CA).
+    tls: TlsSettings | None = None
 
     @field_validator("runtime")
     @classmethod
@@ -472,11 +536,31 @@ class Component(StrictModel):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+class PolicyRule(StrictModel):
+    """One rule: a source component may (allow) or may not (deny) reach ports of a destination component."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    # Component names; "*" matches every component, and a trailing "*" matches a prefix ("indexer-*").
+    source: Annotated[str, Field(alias="from", pattern=r"^(\*|[a-z][a-z0-9-]{0,62}\*?)$")]
+    to: Annotated[str, Field(pattern=r"^(\*|[a-z][a-z0-9-]{0,62}\*?)$")]
+    # Port names of the destination; ["*"] is every port.
+    ports: Annotated[list[str], Field(min_length=1)] = ["*"]
+
+
+class Policy(StrictModel):
+    """Which components may connect to which. Between components the default is deny; deny beats allow."""
+
+    allow: list[PolicyRule] = []
+    deny: list[PolicyRule] = []
+
+
 class Deployment(StrictModel):
     """A whole deployment file."""
 
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     components: dict[Annotated[str, Field(pattern=NAME_PATTERN)], Component]
+    policy: Policy = Policy()
 
     @model_validator(mode="after")
     def _check_components(self) -> "Deployment":
@@ -485,10 +569,34 @@ class Deployment(StrictModel):
                 ("components",),
                 "the file declares no components: add at least one [components.NAME] table with a command",
             )])
-        problems = self._dependency_problems() + self._fixed_port_problems()
+        problems = self._dependency_problems() + self._fixed_port_problems() + self._policy_problems()
         if problems:
             raise InvalidFields(problems)
         return self
+
+    def _policy_problems(self) -> list[tuple[FieldPath, str]]:
+        problems: list[tuple[FieldPath, str]] = []
+        known = ", ".join(sorted(self.components))
+        for kind, rules in (("allow", self.policy.allow), ("deny", self.policy.deny)):
+            for index, rule in enumerate(rules):
+                where = ("policy", kind, index)
+                for key, pattern in (("from", rule.source), ("to", rule.to)):
+                    if not any(_name_matches(pattern, name) for name in self.components):
+                        problems.append((
+                            (*where, key),
+                            f"{pattern!r} matches no component (declared: {known}): name a component of this file",
+                        ))
+                if "*" in rule.ports:
+                    continue
+                targets = [name for name in self.components if _name_matches(rule.to, name)]
+                for port_index, port in enumerate(rule.ports):
+                    if targets and not any(port in self.components[name].ports for name in targets):
+                        declared = ", ".join(sorted({p for name in targets for p in self.components[name].ports})) or "none"
+                        problems.append((
+                            (*where, "ports", port_index),
+                            f"port {port!r} is not declared by {rule.to!r} (declared: {declared}): name a declared port or \"*\"",
+                        ))
+        return problems
 
     def _dependency_problems(self) -> list[tuple[FieldPath, str]]:
         problems: list[tuple[FieldPath, str]] = []
@@ -581,6 +689,15 @@ def resolve_program(program: str, base_dir: str) -> str:
     if program.startswith(("./", "../")):
         return os.path.normpath(os.path.join(base_dir, program))
     return program
+
+
+def _name_matches(pattern: str, name: str) -> bool:
+    """Match a policy name pattern: "*" matches all, "prefix*" a prefix, anything else exactly."""
+    if pattern == "*":
+        return True
+    if pattern.endswith("*"):
+        return name.startswith(pattern[:-1])
+    return pattern == name
 
 
 def find_dependency_cycle(components: dict[str, Component]) -> list[str] | None:
