@@ -89,8 +89,12 @@ BAD_FILES = [
      "components.rpc.command[2]", "refers to port 'rpc', which is not in ports (no ports declared): add it to ports"),
     ("unknown runtime", BASE + 'runtime = "docker"\n',
      "components.rpc.runtime", "unknown runtime 'docker': use \"process\""),
-    ("planned runtime microvm", BASE + 'runtime = "microvm"\n',
-     "components.rpc.runtime", "'microvm' is not available in this version of osvm: use \"process\""),
+    ("planned runtime unikernel", BASE + 'runtime = "unikernel"\n',
+     "components.rpc.runtime", "'unikernel' is not available in this version of osvm: use \"process\""),
+    ("microvm without image", BASE + 'runtime = "microvm"\n',
+     "components.rpc.image", "needs an [image] table"),
+    ("vm table on process runtime", BASE + '[components.rpc.vm]\nvcpus = 2\n',
+     "components.rpc.vm", "applies only to runtime \"microvm\""),
     ("memory size without valid unit", BASE + 'resources = { memory = "512XB" }\n',
      "components.rpc.resources.memory", "write a number with a unit such as \"512MiB\""),
     ("memory size without unit", BASE + "resources = { memory = 512 }\n",
@@ -320,7 +324,7 @@ def test_probe_tags_match_models() -> None:
 
 def test_error_to_json() -> None:
     with pytest.raises(ConfigError) as caught:
-        parse_deployment(BASE + 'runtime = "microvm"\n', "deploy.toml")
+        parse_deployment(BASE + 'runtime = "unikernel"\n', "deploy.toml")
 
     document = caught.value.to_json()
     assert document["file"] == "deploy.toml"

@@ -28,9 +28,9 @@ MIN_MEMORY = 1024 * 1024
 # Signals that pause, resume or notify a process by default instead of ending it.
 NON_TERMINATING_SIGNALS = ("SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGCONT", "SIGCHLD", "SIGCLD")
 
-# Runtimes that a deployment file may name. Only `process` is implemented in this version.
-SUPPORTED_RUNTIMES = ("process",)
-PLANNED_RUNTIMES = ("microvm", "unikernel")
+# Runtimes that a deployment file may name.
+SUPPORTED_RUNTIMES = ("process", "microvm")
+PLANNED_RUNTIMES = ("unikernel",)
 
 
 FieldPath = tuple[str | int, ...]
@@ -250,6 +250,43 @@ class UpdatePolicy(StrictModel):
     max_slot_lag: Annotated[int, Field(ge=0)] | None = None
 
 
+# --- virtual machines ------------------------------------------------------------------------
+
+
+class ImageSpec(StrictModel):
+    """What goes into a VM's root filesystem besides the guest agent."""
+
+    # directory: copy a host directory; binary: one static binary; debian: debootstrap these packages.
+    kind: Literal["directory", "binary", "debian"]
+    # For directory and binary: a host path, absolute or relative to the deployment file.
+    path: str | None = None
+    # For debian: packages installed with debootstrap on top of the minimal base.
+    packages: list[str] = []
+    # initramfs: the root filesystem is loaded into RAM; ext4: a disk image with a per-instance overlay.
+    format: Literal["initramfs", "ext4"] = "initramfs"
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "ImageSpec":
+        if self.kind in ("directory", "binary") and not self.path:
+            raise InvalidFields([(("path",), f"image kind {self.kind!r} needs path: set it to the host {self.kind} to copy")])
+        if self.kind == "debian" and self.path:
+            raise InvalidFields([(("path",), "image kind \"debian\" takes packages, not path: remove path")])
+        return self
+
+
+class VmSettings(StrictModel):
+    """A microVM: its size, its VMM and its accelerator."""
+
+    vcpus: Annotated[int, Field(ge=1, le=64)] = 1
+    memory: ByteSize = 256 * 1024 * 1024
+    # qemu: QEMU's microvm machine; firecracker: the Firecracker API driver (needs a firecracker binary).
+    vmm: Literal["qemu", "firecracker"] = "qemu"
+    # auto uses KVM only where the CPU exposes vmx/svm and kvm_intel or kvm_amd is loaded, else TCG.
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    # Extra kernel command line arguments.
+    kernel_args: list[str] = []
+
+
 # --- probes ----------------------------------------------------------------------------------
 
 
@@ -369,6 +406,9 @@ class Component(StrictModel):
     network: Network = Network()
     endpoint: Endpoint | None = None
     update: UpdatePolicy = UpdatePolicy()
+    # For runtime = "microvm": the VM and its image.
+    vm: VmSettings | None = None
+    image: ImageSpec | None = None
     # Issue the instance a certificate from the internal CA (files in OSVM_TLS_CERT, OSVM_TLS_KEY, OSVM_TLS_CA).
     tls: TlsSettings | None = None
 
@@ -427,10 +467,23 @@ class Component(StrictModel):
 
     @model_validator(mode="after")
     def _check_command_and_ports(self) -> "Component":
-        problems = self._command_problems() + self._port_reference_problems() + self._endpoint_problems()
+        problems = (
+            self._command_problems() + self._port_reference_problems() + self._endpoint_problems() + self._vm_problems()
+        )
         if problems:
             raise InvalidFields(problems)
         return self
+
+    def _vm_problems(self) -> list[tuple[FieldPath, str]]:
+        if self.runtime == "microvm":
+            if self.image is None:
+                return [(("image",), "runtime \"microvm\" needs an [image] table: set kind and path or packages")]
+            return []
+        problems: list[tuple[FieldPath, str]] = []
+        for key in ("vm", "image"):
+            if getattr(self, key) is not None:
+                problems.append(((key,), f"{key} applies only to runtime \"microvm\": remove it or set runtime = \"microvm\""))
+        return problems
 
     def _endpoint_problems(self) -> list[tuple[FieldPath, str]]:
         if self.endpoint is None:
