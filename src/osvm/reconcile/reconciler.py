@@ -68,6 +68,8 @@ class Reconciler:
         self.store = store
         self.events = events
         self.runtime = runtime
+        # Runtimes by the name a spec's `runtime` key uses; the daemon adds the ones this host offers.
+        self.runtimes: dict[str, Runtime] = {runtime.name: runtime}
         self.state_dir = state_dir
         self.subnet_pool = subnet_pool
         self.environ = dict(environ or {})
@@ -118,7 +120,13 @@ class Reconciler:
         Raises ApplyError naming the component and the fix.
         """
         for name, spec in deployment.components.items():
-            if self.runtime.isolated:
+            if spec.runtime not in self.runtimes:
+                available = ", ".join(sorted(self.runtimes))
+                raise ApplyError(
+                    f"component {name}: runtime {spec.runtime!r} is not available on this daemon "
+                    f"(available: {available}): see docs/microvm.md for what it needs"
+                )
+            if self.runtime.isolated and spec.runtime == "process":
                 try:
                     find_user(spec.user or DEFAULT_USER)
                 except SandboxError as error:
@@ -197,39 +205,50 @@ class Reconciler:
     async def recover(self) -> None:
         """Adopt the instances a previous daemon left running, or clean them up for replacement."""
         for record in self.store.live_instances():
-            plan = self._plan_for(record)
-            handle = None
-            if record.pid is not None and record.pid_start_time is not None:
-                handle = self.runtime.adopt(plan, record.pid, record.pid_start_time)
-            if handle is not None:
-                supervisor = self._supervisor_for(record, plan, handle)
-                self.events.publish(
-                    "instance.adopted", f"adopted pid {record.pid} after a daemon restart", record.component, record.id
-                )
-                supervisor.start()
-                continue
-            reason = "its process was gone" if record.pid else "it had not started"
-            self.events.publish(
-                "instance.lost",
-                f"not adopted after a daemon restart because {reason}: cleaning up and replacing it",
-                record.component,
-                record.id,
-                logging.WARNING,
-            )
-            await self.runtime.cleanup(plan)
-            record.state = InstanceState.STOPPED.value
-            record.health = "none"
-            record.exit_reason = f"lost after a daemon restart: {reason}"
-            record.stopped_at = time.time()
-            record.pid = None
-            self.store.update_instance(record)
-            allocations.release(self.store, record.id)
+            try:
+                await self._recover_instance(record)
+            except (ApplyError, ValueError, KeyError) as error:
+                logger.error("cannot recover instance %s of %s: %s", record.id, record.component, error)
+                self._mark_lost(record, f"cannot be recovered: {error}")
         sweep = getattr(self.runtime, "sweep_orphans", None)
         if sweep is not None:
             live = {record.id for record in self.store.live_instances()}
             for name in await asyncio.to_thread(sweep, live):
                 self.events.publish("instance.orphan_removed", f"removed orphan cgroup {name} and its processes")
         self.wake()
+
+    async def _recover_instance(self, record: InstanceRecord) -> None:
+        plan = self._plan_for(record)
+        runtime = self._runtime_of(record)
+        handle = None
+        if record.pid is not None and record.pid_start_time is not None:
+            handle = runtime.adopt(plan, record.pid, record.pid_start_time)
+        if handle is not None:
+            supervisor = self._supervisor_for(record, plan, handle)
+            self.events.publish(
+                "instance.adopted", f"adopted pid {record.pid} after a daemon restart", record.component, record.id
+            )
+            supervisor.start()
+            return
+        reason = "its process was gone" if record.pid else "it had not started"
+        self.events.publish(
+            "instance.lost",
+            f"not adopted after a daemon restart because {reason}: cleaning up and replacing it",
+            record.component,
+            record.id,
+            logging.WARNING,
+        )
+        await runtime.cleanup(plan)
+        self._mark_lost(record, f"lost after a daemon restart: {reason}")
+
+    def _mark_lost(self, record: InstanceRecord, reason: str) -> None:
+        record.state = InstanceState.STOPPED.value
+        record.health = "none"
+        record.exit_reason = reason
+        record.stopped_at = time.time()
+        record.pid = None
+        self.store.update_instance(record)
+        allocations.release(self.store, record.id)
 
     async def shutdown_instances(self, reason: str) -> None:
         """Stop every instance (used by `osvm down`)."""
@@ -324,6 +343,9 @@ class Reconciler:
         Raises ApplyError when ports, a subnet or the command cannot be resolved.
         """
         instance_id = f"{name}-{revision}-{secrets.token_hex(3)}"
+        runtime = self.runtimes.get(spec.runtime)
+        if runtime is None:
+            raise ApplyError(f"runtime {spec.runtime!r} is not available on this daemon (available: {', '.join(sorted(self.runtimes))})")
         try:
             ports = allocations.allocate_ports(self.store, instance_id, spec.ports)
             address = "127.0.0.1"
@@ -344,16 +366,16 @@ class Reconciler:
             id=instance_id,
             component=name,
             revision=revision,
-            runtime=self.runtime.name,
+            runtime=runtime.name,
             state=InstanceState.CREATED.value,
             address=address,
             ports=ports,
-            isolated=self.runtime.isolated,
+            isolated=runtime.isolated,
             in_rotation=in_rotation,
             netns=netns_name,
             created_at=time.time(),
         )
-        if self.runtime.isolated and self._runtime_has_cgroups():
+        if runtime is self.runtime and self.runtime.isolated and self._runtime_has_cgroups():
             record.cgroup = instance_id
         try:
             plan = self._plan_for(record, spec)
@@ -433,6 +455,12 @@ class Reconciler:
         for name in list(self.endpoints):
             await self._stop_endpoint(name)
 
+    def _runtime_of(self, record: InstanceRecord) -> Runtime:
+        runtime = self.runtimes.get(record.runtime)
+        if runtime is None:
+            raise ApplyError(f"instance {record.id} needs runtime {record.runtime!r}, which this daemon does not offer")
+        return runtime
+
     def _runtime_has_cgroups(self) -> bool:
         return getattr(self.runtime, "cgroup_layout", None) is not None
 
@@ -480,7 +508,7 @@ class Reconciler:
         return None
 
     def _supervisor_for(self, record: InstanceRecord, plan: LaunchPlan, handle: Any = None) -> InstanceSupervisor:
-        supervisor = InstanceSupervisor(record, plan, self.runtime, self.store, self.events, self._on_instance_change, handle)
+        supervisor = InstanceSupervisor(record, plan, self._runtime_of(record), self.store, self.events, self._on_instance_change, handle)
         self.supervisors[record.id] = supervisor
         return supervisor
 
