@@ -61,3 +61,13 @@ def test_set_rejects_bad_setting(setting: str, fragment: str) -> None:
     with pytest.raises(DeployError) as caught:
         apply_settings(SPEC, [setting])
     assert fragment in str(caught.value)
+
+
+def test_set_env_number_stays_string() -> None:
+    result = apply_settings(SPEC, ["env.VERSION=2"])
+    assert result["env"]["VERSION"] == "2"
+
+
+def test_set_string_key_keeps_text() -> None:
+    result = apply_settings(SPEC, ["resources.memory=1024"])
+    assert result["resources"]["memory"] == "1024"

@@ -180,7 +180,8 @@ def apply_settings(spec: dict[str, Any], settings: list[str]) -> dict[str, Any]:
     """Return a copy of a spec with `key.path=value` settings applied.
 
     A value is read as a TOML value when it parses as one (numbers, booleans, "strings", [lists],
-    {tables}) and as a plain string otherwise. List items are addressed as `command[0]`.
+    {tables}) and as a plain string otherwise. Values under env, and keys that hold a string now,
+    keep the text as written. List items are addressed as `command[0]`.
 
     Raises DeployError naming the setting when its form or path is invalid.
     """
@@ -190,7 +191,7 @@ def apply_settings(spec: dict[str, Any], settings: list[str]) -> dict[str, Any]:
             raise DeployError(f"invalid --set {setting!r}: write KEY=VALUE, such as env.LOG_LEVEL=debug", 422)
         key, raw = setting.split("=", 1)
         try:
-            value = tomllib.loads(f"value = {raw}")["value"]
+            value: Any = tomllib.loads(f"value = {raw}")["value"]
         except tomllib.TOMLDecodeError:
             value = raw
         parts: list[str | int] = []
@@ -214,6 +215,9 @@ def apply_settings(spec: dict[str, Any], settings: list[str]) -> dict[str, Any]:
                 target[part] = [] if isinstance(following, int) else {}
             target = target[part]
         last = parts[-1]
+        # Environment values are strings, and so is a key that holds a string now: keep the text as written.
+        if parts[0] == "env" or _holds_string(target, last):
+            value = raw
         if isinstance(last, int):
             if not isinstance(target, list) or last > len(target):
                 raise DeployError(f"invalid --set key {key!r}: index {last} is out of range", 422)
@@ -226,3 +230,11 @@ def apply_settings(spec: dict[str, Any], settings: list[str]) -> dict[str, Any]:
                 raise DeployError(f"invalid --set key {key!r}: {last!r} is not inside a table", 422)
             target[last] = value
     return document
+
+
+def _holds_string(container: Any, key: str | int) -> bool:
+    if isinstance(container, dict):
+        return isinstance(container.get(key), str)
+    if isinstance(container, list) and isinstance(key, int) and key < len(container):
+        return isinstance(container[key], str)
+    return False

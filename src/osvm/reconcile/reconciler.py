@@ -11,9 +11,10 @@ import resource
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from osvm.config.models import Component, Deployment
+from osvm.endpoints import Backend, Endpoint, EndpointError
 from osvm.reconcile import allocations
 from osvm.runtimes.base import LaunchPlan, Runtime
 from osvm.runtimes.netns import addressing_for
@@ -22,9 +23,6 @@ from osvm.runtimes.sandbox import SandboxError, find_user
 from osvm.store import ComponentRecord, InstanceRecord, Store
 from osvm.store.events import EventBus
 from osvm.supervise.supervisor import InstanceState, InstanceSupervisor
-
-if TYPE_CHECKING:
-    from osvm.endpoints import Endpoint
 
 logger = logging.getLogger("osvm.reconcile")
 
@@ -74,7 +72,7 @@ class Reconciler:
         self.subnet_pool = subnet_pool
         self.environ = dict(environ or {})
         self.supervisors: dict[str, InstanceSupervisor] = {}
-        self.endpoints: dict[str, "Endpoint"] = {}
+        self.endpoints: dict[str, Endpoint] = {}
         # Set by the daemon: whether a rollout owns a component now, and how to start one.
         self.rollout_running: Callable[[str], bool] = lambda name: False
         self.start_rollout: Callable[[str, int, int, Component, str], Any] | None = None
@@ -392,7 +390,7 @@ class Reconciler:
     def supervisor(self, instance_id: str) -> InstanceSupervisor | None:
         return self.supervisors.get(instance_id)
 
-    def endpoint(self, name: str) -> "Endpoint | None":
+    def endpoint(self, name: str) -> Endpoint | None:
         return self.endpoints.get(name)
 
     def set_component_revision(self, name: str, revision: int) -> None:
@@ -405,8 +403,6 @@ class Reconciler:
         endpoint = self.endpoints.get(name)
         if endpoint is None:
             return
-        from osvm.endpoints import Backend
-
         backends = []
         for supervisor in self.supervisors.values():
             record = supervisor.record
@@ -432,8 +428,6 @@ class Reconciler:
             return
         if existing is not None:
             await self._stop_endpoint(name)
-        from osvm.endpoints import Endpoint, EndpointError
-
         endpoint = Endpoint(name, spec.endpoint, logger.getChild(f"endpoint.{name}"))
         try:
             await endpoint.start()

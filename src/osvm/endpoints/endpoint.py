@@ -1,0 +1,366 @@
+"""The Endpoint: a component's stable address that forwards to its healthy instances."""
+
+import asyncio
+import logging
+import time
+
+from osvm.config import models
+from osvm.endpoints.backends import Backend, BackendState
+from osvm.endpoints.http import HttpClientProtocol
+from osvm.endpoints.listener import EndpointError, bind_tcp, bind_unix, parse_listen, remove_socket_file
+from osvm.endpoints.tcp import TcpClientProtocol
+from osvm.endpoints.tunnel import Tunnel
+from osvm.endpoints.upstream import UpstreamConnection
+
+# Idle upstream connections kept per backend for reuse.
+POOL_MAX_IDLE = 32
+# Pooled connections idle longer than this are closed instead of reused. Node.js HTTP servers,
+# such as ganache, close idle keep-alive connections after 5 s (server.keepAliveTimeout default),
+# and reusing a connection the server is closing costs a retry.
+POOL_MAX_IDLE_TIME = 4.0
+# At most one warning per backend in this many seconds. Every error is logged at debug.
+WARNING_INTERVAL = 10.0
+
+
+class WarningLimiter:
+    """Log a warning at most once per interval for each key, with the count of warnings left out."""
+
+    def __init__(self, logger: logging.Logger, interval: float = WARNING_INTERVAL) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._last[key] = now
+        suppressed = self._suppressed.pop(key, 0)
+        if suppressed:
+            message += f" ({suppressed} similar warnings in the last {self._interval:g}s not logged)"
+        self._logger.warning("%s", message)
+
+
+class Endpoint:
+    """Listens on a component's endpoint address and forwards to the current set of backends.
+
+    All methods must be called from the event loop that runs start().
+    """
+
+    def __init__(self, component: str, spec: models.Endpoint, logger: logging.Logger | None = None) -> None:
+        self.component = component
+        self.spec = spec
+        self.logger = logger if logger is not None else logging.getLogger("osvm.endpoints")
+        self.listen_address = spec.listen
+        self.queue_timeout = spec.queue_timeout
+        self.connect_timeout = spec.connect_timeout
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # Client connections: HttpClientProtocol until a WebSocket upgrade, or TcpClientProtocol.
+        self.clients: set[HttpClientProtocol | TcpClientProtocol] = set()
+        self.stopping = False
+
+        self._least_connections = spec.balance == "least_connections"
+        self._backends: list[Backend] = []
+        self._current: list[BackendState] = []
+        # Every backend seen since the endpoint was created, for counts() and drain().
+        self._states: dict[Backend, BackendState] = {}
+        self._next_index = 0
+        self._backends_changed = asyncio.Event()
+        self._queued = 0
+        self._unavailable = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._socket_identity: tuple[int, int] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._warnings = WarningLimiter(self.logger)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the listen address and start accepting connections. Raises EndpointError when binding fails."""
+        if self._server is not None:
+            raise EndpointError(f"the endpoint of {self.component} on {self.listen_address} is already started")
+        self.loop = asyncio.get_running_loop()
+        self.stopping = False
+        # asyncio.Event binds to the loop that first waits on it, and start() may run on a new loop.
+        self._backends_changed = asyncio.Event()
+        factory = HttpClientProtocol if self.spec.mode == "http" else TcpClientProtocol
+        address = parse_listen(self.spec.listen)
+        if address.is_unix:
+            self._server, self._socket_identity = await bind_unix(lambda: factory(self), address.path, self.spec.listen)
+            self.listen_address = self.spec.listen
+        else:
+            self._server, self.listen_address = await bind_tcp(lambda: factory(self), address, self.spec.listen)
+
+        if self.spec.mode == "http":
+            self._sweeper = self.loop.create_task(self._close_expired_idle())
+        self.logger.info(
+            "endpoint %s: listening on %s (%s mode, %s)",
+            self.component, self.listen_address, self.spec.mode, self.spec.balance,
+        )
+
+    async def stop(self) -> None:
+        """Close the listener and every client, upstream and tunnelled connection."""
+        if self._server is None:
+            return
+        self.stopping = True
+        self._wake_waiters()
+        server, self._server = self._server, None
+        server.close()
+
+        workers = []
+        for client in list(self.clients):
+            task = client.close_for_stop()
+            if task is not None:
+                workers.append(task)
+        for state in self._states.values():
+            state.close_idle()
+            for tunnel in list(state.long_lived):
+                tunnel.close_for_drain()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            workers.append(self._sweeper)
+            self._sweeper = None
+        await asyncio.gather(*workers, return_exceptions=True)
+        await server.wait_closed()
+
+        address = parse_listen(self.spec.listen)
+        if address.is_unix:
+            remove_socket_file(address.path, self._socket_identity)
+        self.logger.info("endpoint %s: stopped listening on %s", self.component, self.listen_address)
+
+    # --- backends ---------------------------------------------------------------------------
+
+    def set_backends(self, backends: list[Backend]) -> None:
+        """Replace the backend set. Every request or connection that picks a backend after this uses the new set.
+
+        Idle pooled connections to backends that left the set are closed. In-flight requests
+        and long-lived connections on them continue until drain().
+        """
+        unique = list(dict.fromkeys(backends))
+        previous = self._backends
+        new_states = []
+        for backend in unique:
+            state = self._states.get(backend)
+            if state is None:
+                state = self._states[backend] = BackendState(backend)
+            new_states.append(state)
+
+        for state in self._current:
+            state.current = False
+        for state in new_states:
+            state.current = True
+        old_states = self._current
+        self._current = new_states
+        self._backends = unique
+
+        closed = 0
+        for state in old_states:
+            if not state.current:
+                closed += state.close_idle()
+        self._wake_waiters()
+
+        if unique != previous:
+            self.logger.info(
+                "endpoint %s: backends changed from [%s] to [%s]; closed %d idle upstream connections",
+                self.component,
+                ", ".join(f"{b.instance_id} {b.address}" for b in previous),
+                ", ".join(f"{b.instance_id} {b.address}" for b in unique),
+                closed,
+            )
+
+    @property
+    def backends(self) -> list[Backend]:
+        """The current backend set, in the order given to set_backends()."""
+        return list(self._backends)
+
+    def pick(self, excluded: set[BackendState]) -> BackendState | None:
+        """Choose a backend of the current set that is not excluded, or return None."""
+        current = self._current
+        count = len(current)
+        if not count:
+            return None
+        start = self._next_index
+        self._next_index = start + 1
+        if not self._least_connections:
+            for offset in range(count):
+                state = current[(start + offset) % count]
+                if state not in excluded:
+                    self._next_index = start + offset + 1
+                    return state
+            return None
+
+        # Fewest in-flight requests plus long-lived connections. The rotating start spreads ties.
+        best = None
+        best_load = 0
+        for offset in range(count):
+            state = current[(start + offset) % count]
+            if state in excluded:
+                continue
+            load = len(state.exchanges) + len(state.long_lived)
+            if best is None or load < best_load:
+                best = state
+                best_load = load
+        return best
+
+    async def wait_for_backend(self, excluded: set[BackendState], deadline: float) -> BackendState | None:
+        """Wait until set_backends() provides a backend that is not excluded, up to deadline (loop time)."""
+        self._queued += 1
+        try:
+            while not self.stopping:
+                changed = self._backends_changed
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await changed.wait()
+                except TimeoutError:
+                    return None
+                state = self.pick(excluded)
+                if state is not None:
+                    return state
+            return None
+        finally:
+            self._queued -= 1
+
+    def _wake_waiters(self) -> None:
+        changed, self._backends_changed = self._backends_changed, asyncio.Event()
+        changed.set()
+
+    # --- upstream connections ---------------------------------------------------------------
+
+    async def connect_http(self, state: BackendState) -> UpstreamConnection:
+        """Open an HTTP connection to the backend. Raises OSError, or TimeoutError after connect_timeout."""
+        backend = state.backend
+        async with asyncio.timeout(self.connect_timeout):
+            _, upstream = await self.loop.create_connection(  # type: ignore[union-attr]
+                lambda: UpstreamConnection(state), backend.host, backend.port
+            )
+        return upstream
+
+    async def connect_tunnel(self, tunnel: Tunnel) -> None:
+        """Open the upstream connection of a TCP-mode tunnel. Raises like connect_http()."""
+        backend = tunnel.state.backend
+        async with asyncio.timeout(self.connect_timeout):
+            await self.loop.create_connection(lambda: tunnel.upstream, backend.host, backend.port)  # type: ignore[union-attr]
+
+    def take_idle(self, state: BackendState) -> UpstreamConnection | None:
+        return state.take_idle(self.loop.time(), POOL_MAX_IDLE_TIME)  # type: ignore[union-attr,return-value]
+
+    def release_upstream(self, upstream: UpstreamConnection, reusable: bool) -> None:
+        """Return a connection whose exchange finished to the pool, or close it."""
+        upstream.detach()
+        state = upstream.state
+        if (
+            reusable
+            and state.current
+            and not self.stopping
+            and not upstream.lost
+            and not upstream.transport.is_closing()  # type: ignore[union-attr]
+            and len(state.idle) < POOL_MAX_IDLE
+        ):
+            upstream.idle_since = self.loop.time()  # type: ignore[union-attr]
+            state.idle.append(upstream)
+        else:
+            upstream.close()
+
+    async def _close_expired_idle(self) -> None:
+        while True:
+            await asyncio.sleep(POOL_MAX_IDLE_TIME / 2)
+            cutoff = self.loop.time() - POOL_MAX_IDLE_TIME  # type: ignore[union-attr]
+            for state in self._states.values():
+                if state.idle:
+                    state.close_idle(older_than=cutoff)
+
+    # --- errors -----------------------------------------------------------------------------
+
+    def record_connect_failure(self, state: BackendState, exc: BaseException) -> str:
+        """Count a failed connect as a request with an error, log it, and return its description."""
+        if isinstance(exc, TimeoutError):
+            description = f"connect to {state.backend.address} timed out after {self.connect_timeout:g}s"
+        elif isinstance(exc, ConnectionRefusedError):
+            description = f"connection to {state.backend.address} refused"
+        else:
+            description = f"connect to {state.backend.address} failed: {exc}"
+        state.requests += 1
+        state.errors += 1
+        self.log_upstream_error(state, description)
+        return description
+
+    def log_upstream_error(self, state: BackendState, description: str) -> None:
+        instance_id = state.backend.instance_id
+        self.logger.debug("endpoint %s: instance %s: %s", self.component, instance_id, description)
+        self._warnings.warning(instance_id, f"endpoint {self.component}: instance {instance_id}: {description}")
+
+    def log_unavailable(self, description: str) -> None:
+        self.logger.debug("endpoint %s: %s", self.component, description)
+        self._warnings.warning("", f"endpoint {self.component}: {description}")
+
+    def count_unavailable(self) -> None:
+        """Count a request or connection that found no backend within queue_timeout."""
+        self._unavailable += 1
+
+    # --- drain and status -------------------------------------------------------------------
+
+    async def drain(self, instance_id: str, timeout: float) -> int:
+        """Wait up to timeout seconds for the instance's in-flight requests and long-lived connections to end.
+
+        Closes what remains after the timeout and returns how many exchanges and connections
+        were closed, 0 when the instance drained on its own. Idle pooled connections to the
+        instance are closed at once. Call it after set_backends() removed the instance, because
+        requests keep arriving while it is in the set.
+        """
+        states = [state for backend, state in self._states.items() if backend.instance_id == instance_id]
+        for state in states:
+            state.close_idle()
+        if any(state.current for state in states):
+            self.logger.warning(
+                "endpoint %s: draining instance %s while it is still a backend, so new requests keep reaching it",
+                self.component, instance_id,
+            )
+
+        closed = 0
+        try:
+            async with asyncio.timeout(timeout):
+                for state in states:
+                    await state.wait_idle()
+        except TimeoutError:
+            closed = sum(state.close_active() for state in states)
+
+        if closed:
+            self.logger.info(
+                "endpoint %s: drained instance %s: closed %d requests and connections still open after %gs",
+                self.component, instance_id, closed, timeout,
+            )
+        else:
+            self.logger.info("endpoint %s: drained instance %s: no requests or connections left", self.component, instance_id)
+        return closed
+
+    def counts(self, instance_id: str) -> tuple[int, int]:
+        """Return (requests, errors) forwarded to the instance since the endpoint was created.
+
+        An error is a 5xx response, an upstream connection failure, or a failed connect.
+        In TCP mode each connection counts as one request.
+        """
+        requests = 0
+        errors = 0
+        for backend, state in self._states.items():
+            if backend.instance_id == instance_id:
+                requests += state.requests
+                errors += state.errors
+        return requests, errors
+
+    def describe(self) -> dict:
+        """Status for `osvm status --json`: the current backends and those with connections still open."""
+        shown = list(self._current)
+        shown += [state for state in self._states.values() if not state.current and state.load]
+        return {
+            "component": self.component,
+            "listen": self.listen_address,
+            "mode": self.spec.mode,
+            "balance": self.spec.balance,
+            "backends": [state.describe() for state in shown],
+            "queued": self._queued,
+            "client_connections": len(self.clients),
+            "unavailable": self._unavailable,
+        }

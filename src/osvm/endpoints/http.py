@@ -1,0 +1,607 @@
+"""HTTP mode: parse client requests with httptools and forward each one to a backend.
+
+Each client connection has one worker task that forwards its requests in order, so pipelined
+requests get their responses in order. Every request picks a backend from the current set,
+which moves keep-alive clients to new backends at request boundaries.
+"""
+
+import asyncio
+import json
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from osvm.endpoints.backends import Backend, BackendState
+from osvm.endpoints.tunnel import Tunnel, TunnelEnd, set_nodelay
+from osvm.endpoints.upstream import FAILED, RESPONSE_DONE, UPGRADED, UpstreamConnection
+
+if TYPE_CHECKING:
+    from osvm.endpoints.endpoint import Endpoint
+
+# Request bodies are buffered so a request can be retried on another connection. Larger bodies
+# get 413. Tests lower this limit through the module attribute.
+MAX_REQUEST_BODY = 64 * 1024 * 1024
+# Pipelined requests parsed ahead of the one being forwarded. Reading pauses at this count.
+MAX_QUEUED_REQUESTS = 16
+# Bytes a client may send after a WebSocket upgrade request before the backend's response.
+MAX_HELD_BYTES = 1024 * 1024
+
+# Request headers that the proxy drops or rewrites: hop-by-hop headers, which apply to one
+# connection only, and the framing and forwarding headers that the proxy sets itself.
+REQUEST_HEADERS_REWRITTEN = frozenset((
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+    b"upgrade", b"content-length", b"expect", b"x-forwarded-for",
+))
+CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade"))
+CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
+REASONS = {
+    400: b"Bad Request",
+    405: b"Method Not Allowed",
+    413: b"Content Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+}
+
+
+class _StopParsing(Exception):
+    """Raised in a parser callback to stop parsing after the request was rejected."""
+
+
+class HttpRequest:
+    """A parsed client request, with its head already encoded for the backend."""
+
+    __slots__ = (
+        "method", "url", "headers", "head", "has_host", "body", "body_size", "has_body", "chunked",
+        "content_length", "unsupported_coding", "http10", "keep_alive", "is_head", "websocket",
+        "expect_continue", "rejection",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        # Request line and headers for the backend, without Content-Length and the final CRLF.
+        self.head = b""
+        self.has_host = False
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.has_body = False
+        self.chunked = False
+        self.content_length = 0
+        # A Transfer-Encoding with codings other than chunked, such as b"gzip, chunked".
+        self.unsupported_coding = b""
+        self.http10 = False
+        self.keep_alive = False
+        self.is_head = False
+        self.websocket = False
+        self.expect_continue = False
+        # (status, message) for a request that the proxy answers itself instead of forwarding.
+        self.rejection: tuple[int, str] | None = None
+
+    def encode(self, backend: Backend) -> bytes:
+        """Encode the request for the backend, with Content-Length for the buffered body."""
+        parts = [self.head]
+        if not self.has_host:
+            # HTTP/1.1 requires Host, and an HTTP/1.0 client may omit it.
+            parts.append(b"Host: %s\r\n" % backend.address.encode())
+        if self.has_body:
+            parts.append(b"Content-Length: %d\r\n" % self.body_size)
+        parts.append(b"\r\n")
+        parts += self.body
+        return b"".join(parts)
+
+
+def encode_error(request: HttpRequest, status: int, message: str, keep_alive: bool) -> bytes:
+    """Encode a response with a JSON body {"error": message}."""
+    body = json.dumps({"error": message}).encode()
+    parts = [
+        b"HTTP/1.1 %d %s\r\n" % (status, REASONS[status]),
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body),
+    ]
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    elif request.http10:
+        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    if not request.is_head:
+        parts.append(body)
+    return b"".join(parts)
+
+
+class HttpClientProtocol(asyncio.Protocol):
+    """A client connection in HTTP mode."""
+
+    __slots__ = (
+        "endpoint", "transport", "parser", "client_ip", "queue", "request", "last_request", "continuation",
+        "skip_head", "stopped_parsing", "hold", "reading_paused", "worker", "wakeup", "busy",
+        "pending_continue", "closed", "client_eof", "upgraded", "write_paused", "upstream", "drained",
+    )
+
+    def __init__(self, endpoint: "Endpoint") -> None:
+        self.endpoint = endpoint
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_ip = b""
+        self.queue: deque[HttpRequest] = deque()
+        # The request being parsed, and the one parsed last.
+        self.request: HttpRequest | None = None
+        self.last_request: HttpRequest | None = None
+        # An upgrade request whose body follows; see _on_upgrade_request().
+        self.continuation: HttpRequest | None = None
+        self.skip_head = False
+        self.stopped_parsing = False
+        # Bytes received after a WebSocket upgrade request, kept until the backend responds.
+        self.hold: bytearray | None = None
+        self.reading_paused = False
+        self.worker: asyncio.Task[None] | None = None
+        self.wakeup: asyncio.Future[None] | None = None
+        self.busy = False
+        # A request with "Expect: 100-continue" that waits for earlier responses before the 100.
+        self.pending_continue: HttpRequest | None = None
+        self.closed = False
+        # Whether the client half-closed its side. It still gets the responses to its requests.
+        self.client_eof = False
+        self.upgraded = False
+        self.write_paused = False
+        # The upstream connection of the exchange in progress.
+        self.upstream: UpstreamConnection | None = None
+        self.drained = False
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        set_nodelay(transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.client_ip = peer[0].encode()
+        self.endpoint.clients.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.hold is not None:
+            self.hold += data
+            if len(self.hold) >= MAX_HELD_BYTES:
+                self._update_reading()
+            return
+        if not self.stopped_parsing:
+            self._feed(data)
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        # Keep the transport open for writing while requests wait for their responses.
+        return self.busy or bool(self.queue)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.endpoint.clients.discard(self)
+        upstream = self.upstream
+        if upstream is not None and not upstream.result:
+            upstream.abort("the client closed the connection")
+        worker = self.worker
+        if worker is not None and not worker.done():
+            worker.cancel()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    # --- used by the endpoint ---------------------------------------------------------------
+
+    def close_for_drain(self) -> None:
+        """Fail the exchange in progress, whose backend is being drained."""
+        self.drained = True
+        upstream = self.upstream
+        if upstream is not None and not upstream.result:
+            upstream.abort("the instance was drained before the response was complete")
+
+    def close_for_stop(self) -> "asyncio.Task[None] | None":
+        """Cancel the worker and close the connection; return the worker for the caller to await."""
+        worker = self.worker
+        if worker is not None and not worker.done():
+            worker.cancel()
+        if self.busy:
+            # A response in progress cannot be completed, so its buffered bytes are discarded.
+            self.transport.abort()  # type: ignore[union-attr]
+        else:
+            self.transport.close()  # type: ignore[union-attr]
+        return worker
+
+    # --- parsing ----------------------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._on_upgrade_request(data[exc.args[0]:])
+        except httptools.HttpParserCallbackError:
+            if not self.stopped_parsing:
+                # A callback failed for a reason other than _StopParsing: a bug in this module.
+                self.endpoint.logger.exception("endpoint %s: failed to parse a request", self.endpoint.component)
+                self.transport.abort()  # type: ignore[union-attr]
+        except httptools.HttpParserError as exc:
+            request = HttpRequest()
+            self._reject(request, 400, f"invalid HTTP request: {exc}")
+
+    def on_message_begin(self) -> None:
+        if self.continuation is not None:
+            self.request = self.continuation
+            return
+        self.request = HttpRequest()
+
+    def on_url(self, url: bytes) -> None:
+        if not self.skip_head:
+            self.request.url += url  # type: ignore[union-attr]
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.skip_head:
+            self.request.headers.append((name, value))  # type: ignore[union-attr]
+
+    def on_headers_complete(self) -> None:
+        if self.skip_head:
+            self.skip_head = False
+            return
+        request = self.request
+        parser = self.parser
+        method = parser.get_method()
+        request.method = method
+        request.http10 = parser.get_http_version() == "1.0"
+        request.keep_alive = parser.should_keep_alive()
+        request.is_head = method == b"HEAD"
+        self._encode_head(request)
+
+        if method == b"CONNECT":
+            request.rejection = (405, "CONNECT is not supported: this endpoint forwards HTTP requests")
+            request.keep_alive = False
+        elif request.unsupported_coding:
+            # The proxy forwards the decoded body with Content-Length, which would drop the coding.
+            coding = request.unsupported_coding.decode("latin-1")
+            self._reject(request, 501, f"Transfer-Encoding {coding!r} is not supported: send the body chunked or with Content-Length")
+            raise _StopParsing
+        elif request.content_length > MAX_REQUEST_BODY:
+            self._reject(request, 413, f"the request body is larger than {MAX_REQUEST_BODY} bytes")
+            raise _StopParsing
+        elif request.expect_continue and not request.http10:
+            if self.busy or self.queue:
+                self.pending_continue = request
+            else:
+                self.transport.write(CONTINUE_RESPONSE)  # type: ignore[union-attr]
+
+    def on_body(self, body: bytes) -> None:
+        request = self.request
+        request.body_size += len(body)  # type: ignore[union-attr]
+        if request.body_size > MAX_REQUEST_BODY:  # type: ignore[union-attr]
+            self._reject(request, 413, f"the request body is larger than {MAX_REQUEST_BODY} bytes")  # type: ignore[arg-type]
+            raise _StopParsing
+        request.body.append(body)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        request = self.request
+        self.request = None
+        self.last_request = request
+        if self.continuation is request:
+            self.continuation = None
+        elif request.has_body and self.parser.should_upgrade() and not request.websocket and request.rejection is None:
+            # llhttp stops before the body of an upgrade request. _on_upgrade_request() parses it.
+            self.continuation = request
+            return
+        if self.pending_continue is request:
+            self.pending_continue = None
+        self._enqueue(request)  # type: ignore[arg-type]
+
+    def _encode_head(self, request: HttpRequest) -> None:
+        """Encode the request line and headers for the backend, and read the framing headers."""
+        forwarded_for = None
+        upgrade = None
+        options: set[bytes] | None = None
+        parts = [request.method, b" ", request.url, b" HTTP/1.1\r\n"]
+        for name, value in request.headers:
+            lowered = name.lower()
+            if lowered not in REQUEST_HEADERS_REWRITTEN:
+                if lowered == b"host":
+                    request.has_host = True
+                parts += (name, b": ", value, b"\r\n")
+            elif lowered == b"content-length":
+                # llhttp has validated the value.
+                request.has_body = True
+                request.content_length = int(value)
+            elif lowered == b"transfer-encoding":
+                request.has_body = True
+                request.chunked = True
+                if value.strip().lower() != b"chunked":
+                    request.unsupported_coding = value
+            elif lowered == b"connection":
+                tokens = {token.strip() for token in value.lower().split(b",")} - CONNECTION_OPTIONS
+                if tokens:
+                    options = tokens if options is None else options | tokens
+            elif lowered == b"expect":
+                request.expect_continue = value.strip().lower() == b"100-continue"
+            elif lowered == b"upgrade":
+                upgrade = value
+            elif lowered == b"x-forwarded-for":
+                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+
+        if options:
+            # Headers named in Connection apply to this connection only.
+            parts = parts[:4]
+            for name, value in request.headers:
+                lowered = name.lower()
+                if lowered not in REQUEST_HEADERS_REWRITTEN and lowered not in options:
+                    parts += (name, b": ", value, b"\r\n")
+
+        request.websocket = (
+            upgrade is not None
+            and request.method == b"GET"
+            and self.parser.should_upgrade()
+            and b"websocket" in upgrade.lower()
+        )
+        if request.websocket:
+            parts += (b"Upgrade: ", upgrade, b"\r\nConnection: Upgrade\r\n")  # type: ignore[list-item]
+        if self.client_ip:
+            forwarded_for = self.client_ip if forwarded_for is None else forwarded_for + b", " + self.client_ip
+        if forwarded_for is not None:
+            parts += (b"X-Forwarded-For: ", forwarded_for, b"\r\n")
+        request.head = b"".join(parts)
+
+    def _on_upgrade_request(self, leftover: bytes) -> None:
+        """Continue after an upgrade request, at which llhttp stops parsing.
+
+        A WebSocket request is forwarded and the bytes after it wait for the backend's response.
+        Other upgrades, such as h2c, are not supported: the request is served as plain HTTP/1.1
+        without its Upgrade header, and parsing continues with a new parser.
+        """
+        request = self.continuation or self.last_request
+        self.parser = httptools.HttpRequestParser(self)
+        if request is None or request.rejection is not None:
+            self._stop_parsing()
+            return
+        if request.websocket:
+            self.hold = bytearray(leftover)
+            self._update_reading()
+            return
+
+        if self.continuation is not None:
+            # Feed a request head with the same framing, so httptools parses the body that
+            # follows. The callbacks skip this head and add the body to the pending request.
+            if request.chunked:
+                framing = b"Transfer-Encoding: chunked"
+            else:
+                framing = b"Content-Length: %d" % request.content_length
+            self.skip_head = True
+            self._feed(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
+        if leftover:
+            self._feed(leftover)
+
+    def _release_hold(self) -> None:
+        """Parse the bytes held after a WebSocket request whose upgrade did not happen."""
+        held = self.hold
+        self.hold = None
+        self._update_reading()
+        if held and not self.stopped_parsing:
+            self._feed(bytes(held))
+
+    def _reject(self, request: HttpRequest, status: int, message: str) -> None:
+        """Queue a response by the proxy itself, then close the connection after it."""
+        request.rejection = (status, message)
+        request.keep_alive = False
+        self._stop_parsing()
+        self._enqueue(request)
+
+    def _stop_parsing(self) -> None:
+        self.stopped_parsing = True
+        self._update_reading()
+
+    def _enqueue(self, request: HttpRequest) -> None:
+        self.queue.append(request)
+        if len(self.queue) >= MAX_QUEUED_REQUESTS:
+            self._update_reading()
+        if self.worker is None:
+            self.worker = self.endpoint.loop.create_task(self._serve())
+            return
+        wakeup = self.wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    def _update_reading(self) -> None:
+        pause = (
+            self.stopped_parsing
+            or len(self.queue) >= MAX_QUEUED_REQUESTS
+            or (self.hold is not None and len(self.hold) >= MAX_HELD_BYTES)
+        )
+        if pause == self.reading_paused or self.closed:
+            return
+        self.reading_paused = pause
+        if pause:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        else:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    # --- forwarding -------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        """Forward queued requests in order until the connection closes."""
+        queue = self.queue
+        loop = self.endpoint.loop
+        try:
+            while True:
+                if not queue:
+                    self.wakeup = loop.create_future()
+                    await self.wakeup
+                    continue
+                request = queue.popleft()
+                if self.reading_paused:
+                    self._update_reading()
+
+                self.busy = True
+                keep_open = await self._handle(request)
+                self.busy = False
+                if self.closed or self.upgraded:
+                    return
+                if not keep_open or (self.client_eof and not queue):
+                    self.transport.close()  # type: ignore[union-attr]
+                    return
+                if self.pending_continue is not None and not queue:
+                    self.pending_continue = None
+                    self.transport.write(CONTINUE_RESPONSE)  # type: ignore[union-attr]
+        except asyncio.CancelledError:
+            # connection_lost() or Endpoint.stop() cancelled the worker. _forward() has
+            # already released what the exchange held.
+            pass
+
+    async def _handle(self, request: HttpRequest) -> bool:
+        """Respond to one request; return whether the client connection stays open."""
+        if request.rejection is not None:
+            status, message = request.rejection
+            return self._respond_error(request, status, message, keep_alive=False)
+        if not request.websocket:
+            return await self._forward(request)
+        try:
+            return await self._forward(request)
+        finally:
+            if not self.upgraded and not self.closed:
+                self._release_hold()
+
+    async def _forward(self, request: HttpRequest) -> bool:
+        """Forward one request, retrying where no backend can have seen it; return whether to keep the client."""
+        endpoint = self.endpoint
+        excluded: set[BackendState] = set()
+        deadline = 0.0
+        fresh_only = False
+        connect_failure = ""
+        while True:
+            state = endpoint.pick(excluded)
+            if state is None:
+                if not deadline:
+                    deadline = endpoint.loop.time() + endpoint.queue_timeout
+                state = await endpoint.wait_for_backend(excluded, deadline)
+                if state is None:
+                    return self._respond_unavailable(request, connect_failure)
+
+            state.exchanges.add(self)
+            self.drained = False
+            upstream = None
+            try:
+                if not fresh_only:
+                    upstream = endpoint.take_idle(state)
+                reused = upstream is not None
+                if upstream is None:
+                    try:
+                        upstream = await endpoint.connect_http(state)
+                    except (OSError, TimeoutError) as exc:
+                        connect_failure = endpoint.record_connect_failure(state, exc)
+                        excluded.add(state)
+                        continue
+                if self.drained:
+                    # drain() closed this exchange while it was connecting. No byte of the
+                    # request was sent, so another backend can take it.
+                    upstream.close()
+                    excluded.add(state)
+                    upstream = None
+                    continue
+
+                self.upstream = upstream
+                await upstream.start(request, self, request.encode(state.backend))
+                result = upstream.result
+
+                if result == FAILED:
+                    if reused and not upstream.received and not self.drained and not self.closed:
+                        # The backend probably closed the pooled connection while it was idle.
+                        fresh_only = True
+                        upstream.close()
+                        upstream = None
+                        continue
+                    keep_open = self._after_failure(request, state, upstream)
+                    upstream.close()
+                    upstream = None
+                    return keep_open
+
+                state.requests += 1
+                if result == UPGRADED:
+                    self._open_tunnel(state, upstream)
+                    upstream = None
+                    return False
+
+                if upstream.status >= 500:
+                    state.errors += 1
+                keep_open = upstream.client_keep_alive
+                endpoint.release_upstream(upstream, result == RESPONSE_DONE and not request.websocket)
+                upstream = None
+                return keep_open
+            finally:
+                self.upstream = None
+                state.release_exchange(self)
+                if upstream is not None:
+                    # Cancelled while connecting or while the response was in progress.
+                    upstream.abort("the client closed the connection")
+
+    def _after_failure(self, request: HttpRequest, state: BackendState, upstream: UpstreamConnection) -> bool:
+        """Count a failed exchange and answer 502 if no response byte was sent; return whether to keep the client."""
+        if self.closed:
+            return False
+        state.requests += 1
+        instance_id = state.backend.instance_id
+        if self.drained:
+            message = f"instance {instance_id} was drained before the response was complete"
+        else:
+            state.errors += 1
+            self.endpoint.log_upstream_error(state, upstream.error)
+            message = f"instance {instance_id} failed: {upstream.error}"
+        if upstream.headers_done:
+            # Part of the response reached the client, so only closing the connection tells it.
+            return False
+        return self._respond_error(request, 502, message, request.keep_alive)
+
+    def _respond_unavailable(self, request: HttpRequest, connect_failure: str) -> bool:
+        endpoint = self.endpoint
+        if connect_failure:
+            message = (
+                f"no instance of {endpoint.component} accepted the connection within "
+                f"{endpoint.queue_timeout:g}s: {connect_failure}"
+            )
+            return self._respond_error(request, 502, message, request.keep_alive)
+        endpoint.count_unavailable()
+        message = f"no healthy instance of {endpoint.component} within {endpoint.queue_timeout:g}s"
+        return self._respond_error(request, 503, message, request.keep_alive)
+
+    def _respond_error(self, request: HttpRequest, status: int, message: str, keep_alive: bool) -> bool:
+        if self.closed:
+            return False
+        self.transport.write(encode_error(request, status, message, keep_alive))  # type: ignore[union-attr]
+        return keep_alive
+
+    def _open_tunnel(self, state: BackendState, upstream: UpstreamConnection) -> None:
+        """Turn the client connection and the upstream connection into a WebSocket tunnel.
+
+        The exchange is released by the caller only after the tunnel registers as long-lived,
+        so drain() never sees the backend idle in between.
+        """
+        client_end = TunnelEnd()
+        client_end.transport = self.transport
+        tunnel = Tunnel(state, client_end)
+        tunnel.upstream.transport = upstream.transport
+        upstream.transport.set_protocol(tunnel.upstream)  # type: ignore[union-attr]
+        self.transport.set_protocol(client_end)  # type: ignore[union-attr]
+        tunnel.link()
+        self.upgraded = True
+        self.endpoint.clients.discard(self)
+
+        if upstream.leftover:
+            self.transport.write(upstream.leftover)  # type: ignore[union-attr]
+        held = self.hold
+        self.hold = None
+        if held:
+            upstream.transport.write(bytes(held))  # type: ignore[union-attr]
+        self.reading_paused = False
+        self.transport.resume_reading()  # type: ignore[union-attr]
+        if upstream.reading_paused and not self.write_paused:
+            upstream.transport.resume_reading()  # type: ignore[union-attr]
+        if upstream.lost:
+            tunnel.close()
