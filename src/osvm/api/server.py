@@ -17,6 +17,7 @@ from osvm import __version__
 from osvm.config.load import ConfigError, issues_from_validation_error
 from osvm.config.models import Deployment
 from osvm.deploy.manager import DeployError
+from osvm.metrics.registry import CONTENT_TYPE
 from osvm.logs.files import follow_log, read_logs
 from osvm.reconcile.reconciler import REMOVED, RUNNING, STOPPED, ApplyError
 
@@ -55,10 +56,12 @@ class ApiServer:
                 web.post("/v1/down", self.down),
                 web.get("/v1/events", self.events),
                 web.post("/v1/shutdown", self.shutdown),
+                web.get("/metrics", self.metrics),
             ]
         )
         self._runner: web.AppRunner | None = None
         self._socket: tuple[Path, int] | None = None
+        self._metrics_runner: web.AppRunner | None = None
 
     async def start(self, path: Path) -> None:
         """Listen on the Unix socket at `path` with mode 0600."""
@@ -75,10 +78,24 @@ class ApiServer:
         self._socket = (path, path.stat().st_ino)
         logger.info("control API listening on %s", path)
 
+    async def start_metrics(self, host: str, port: int) -> None:
+        """Serve only GET /metrics over TCP, for Prometheus, which cannot scrape a Unix socket."""
+        app = web.Application()
+        app.add_routes([web.get("/metrics", self.metrics)])
+        self._metrics_runner = web.AppRunner(app, access_log=None)
+        await self._metrics_runner.setup()
+        try:
+            await web.TCPSite(self._metrics_runner, host, port).start()
+        except OSError as error:
+            raise OSError(f"cannot listen for metrics on {host}:{port}: {error.strerror}: choose another --metrics-listen") from None
+        logger.info("metrics on http://%s:%d/metrics", host, port)
+
     async def stop(self) -> None:
         """Close the listener and remove the socket file, unless another daemon has replaced it."""
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
         if self._socket is not None:
             path, inode = self._socket
             try:
@@ -241,6 +258,9 @@ class ApiServer:
         finally:
             if queue is not None:
                 self.daemon.events.unfollow(queue)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.daemon.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def shutdown(self, request: web.Request) -> web.Response:
         self.daemon.request_shutdown("shutdown requested through the API")

@@ -298,7 +298,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     isolation = False if args.no_isolation else None
-    return run_daemon(_state_dir(args), isolation, args.subnet_pool)
+    return run_daemon(_state_dir(args), isolation, args.subnet_pool, args.metrics_listen)
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -507,6 +507,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--subnet-pool",
         default="10.213.0.0/16",
         help="IPv4 pool that network-namespace instances get /30 subnets from (default 10.213.0.0/16)",
+    )
+    daemon.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="also serve Prometheus metrics at http://HOST:PORT/metrics (they are always at /metrics on the socket)",
     )
     daemon.set_defaults(handler=cmd_daemon)
     return parser

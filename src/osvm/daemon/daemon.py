@@ -13,6 +13,7 @@ from osvm import paths
 from osvm.api.server import ApiServer
 from osvm.deploy.manager import DeployError, DeployManager
 from osvm.logs.files import LogRotator
+from osvm.metrics.registry import Metrics
 from osvm.reconcile.reconciler import DEFAULT_SUBNET_POOL, Reconciler
 from osvm.runtimes.process import ProcessRuntime
 from osvm.store import Store
@@ -28,8 +29,15 @@ class DaemonError(Exception):
 class Daemon:
     """Own the state directory and everything that runs from it."""
 
-    def __init__(self, state_dir: Path, isolation: bool | None = None, subnet_pool: str = DEFAULT_SUBNET_POOL):
+    def __init__(
+        self,
+        state_dir: Path,
+        isolation: bool | None = None,
+        subnet_pool: str = DEFAULT_SUBNET_POOL,
+        metrics_listen: str | None = None,
+    ):
         self.state_dir = state_dir
+        self.metrics_listen = metrics_listen
         self.isolation = isolation
         self.subnet_pool = subnet_pool
         self.started_at = time.time()
@@ -41,7 +49,8 @@ class Daemon:
         """Run until SIGTERM, SIGINT or a shutdown request. Instances keep running for the next daemon."""
         self._prepare_state_dir()
         self.store = Store(paths.database_path(self.state_dir))
-        self.events = EventBus(self.store)
+        self.metrics = Metrics()
+        self.events = EventBus(self.store, lambda event: self.metrics.events.labels(event.kind).inc())
         self.runtime = ProcessRuntime(self.state_dir, self.isolation)
         self.reconciler = Reconciler(
             self.store, self.events, self.runtime, self.state_dir, self.subnet_pool, dict(os.environ)
@@ -49,12 +58,17 @@ class Daemon:
         self.deployer = DeployManager(self.store, self.events, self.reconciler)
         self.reconciler.rollout_running = self.deployer.is_running
         self.reconciler.start_rollout = self._start_rollout
+        self.metrics.attach(self.reconciler)
         self.api = ApiServer(self)
         self.rotator = LogRotator()
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_shutdown, f"received {sig.name}")
+        # pyroute2 forks helper processes to enter network namespaces and ends them with SIGTERM.
+        # A forked child shares the event loop's signal wake-up socket, so without this its
+        # SIGTERM would reach the loop as the daemon's own and shut the daemon down.
+        os.register_at_fork(after_in_child=_drop_signal_wakeup)
 
         self.events.publish(
             "daemon.started",
@@ -64,6 +78,13 @@ class Daemon:
         await self.reconciler.recover()
         await self.deployer.recover()
         await self.api.start(paths.socket_path(self.state_dir))
+        if self.metrics_listen:
+            host, _, port = self.metrics_listen.rpartition(":")
+            try:
+                await self.api.start_metrics(host.strip("[]") or "127.0.0.1", int(port))
+            except (OSError, ValueError) as error:
+                await self.api.stop()
+                raise DaemonError(f"invalid --metrics-listen {self.metrics_listen!r}: {error}") from None
         tasks = [
             asyncio.create_task(self.reconciler.run(), name="reconcile"),
             asyncio.create_task(self.rotator.run(self._live_log_paths), name="log-rotation"),
@@ -178,13 +199,18 @@ class Daemon:
         await asyncio.sleep(0)
 
 
-def run_daemon(state_dir: Path, isolation: bool | None, subnet_pool: str) -> int:
+def _drop_signal_wakeup() -> None:
+    """Stop a forked child from writing the signals it receives to the parent's wake-up socket."""
+    signal.set_wakeup_fd(-1)
+
+
+def run_daemon(state_dir: Path, isolation: bool | None, subnet_pool: str, metrics_listen: str | None = None) -> int:
     """Run the daemon in the foreground; return the exit status."""
     try:
         import uvloop
     except ImportError:
         uvloop = None
-    daemon = Daemon(state_dir, isolation, subnet_pool)
+    daemon = Daemon(state_dir, isolation, subnet_pool, metrics_listen)
     try:
         if uvloop is not None:
             uvloop.run(daemon.run())

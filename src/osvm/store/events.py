@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from typing import Callable
 
 from osvm.store.db import Event, Store
 
@@ -14,14 +15,17 @@ FOLLOWER_QUEUE_SIZE = 10_000
 class EventBus:
     """Record events in the store and fan them out to `osvm events -f` followers."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, on_publish: "Callable[[Event], None] | None" = None):
         self.store = store
+        self.on_publish = on_publish
         self._followers: set[asyncio.Queue[Event]] = set()
 
     def publish(self, kind: str, reason: str, component: str = "", instance: str = "", level: int = logging.INFO) -> Event:
         event = self.store.add_event(kind, reason, component, instance)
         subject = " ".join(part for part in (component, instance) if part)
         logger.log(level, "%s: %s: %s", subject or "daemon", kind, reason)
+        if self.on_publish is not None:
+            self.on_publish(event)
         for queue in list(self._followers):
             if queue.full():
                 queue.get_nowait()
