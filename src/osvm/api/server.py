@@ -17,6 +17,7 @@ from osvm import __version__
 from osvm.config.load import ConfigError, issues_from_validation_error
 from osvm.config.models import Deployment
 from osvm.deploy.manager import DeployError
+from osvm.security.ca import CAError, CAExistsError, CertificateNotFound
 from osvm.metrics.registry import CONTENT_TYPE
 from osvm.logs.files import follow_log, read_logs
 from osvm.reconcile.reconciler import REMOVED, RUNNING, STOPPED, ApplyError
@@ -53,6 +54,12 @@ class ApiServer:
                 web.post("/v1/components/{name}/rollback", self.rollback),
                 web.get("/v1/components/{name}/deployments", self.deployments),
                 web.get("/v1/rollouts/{id}", self.rollout),
+                web.post("/v1/ca/init", self.ca_init),
+                web.get("/v1/ca/certificates", self.ca_list),
+                web.get("/v1/ca/certificates/{serial}", self.ca_show),
+                web.post("/v1/ca/revoke", self.ca_revoke),
+                web.post("/v1/ca/rotate", self.ca_rotate),
+                web.get("/v1/ca/crl", self.ca_crl),
                 web.post("/v1/down", self.down),
                 web.get("/v1/events", self.events),
                 web.post("/v1/shutdown", self.shutdown),
@@ -205,6 +212,60 @@ class ApiServer:
             raise _HttpError(404, f"rollout {rollout_id} not found: run `osvm deployments COMPONENT` to list them")
         return web.json_response({"rollout": record.to_json()})
 
+    # --- certificate authority ---------------------------------------------------------------
+
+    async def ca_init(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        root_out = body.get("root_out")
+        ca = await asyncio.to_thread(
+            self.daemon.certificates.init,
+            str(body.get("trust_domain") or "osvm.local"),
+            str(body.get("key_type") or "ecdsa-p256"),
+            Path(root_out) if root_out else None,
+        )
+        return web.json_response(_ca_summary(ca))
+
+    async def ca_list(self, request: web.Request) -> web.Response:
+        ca = self._ca()
+        component = request.query.get("component")
+        records = await asyncio.to_thread(ca.list, component)
+        return web.json_response({**_ca_summary(ca), "certificates": [_certificate_json(record) for record in records]})
+
+    async def ca_show(self, request: web.Request) -> web.Response:
+        details = await asyncio.to_thread(self._ca().show, request.match_info["serial"])
+        return web.json_response({**_certificate_json(details.record), "pem": details.cert_pem.decode()})
+
+    async def ca_revoke(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        ca = self._ca()
+        reason = str(body.get("reason") or "unspecified")
+        if body.get("component"):
+            serials = await asyncio.to_thread(ca.revoke_component, str(body["component"]), reason)
+        elif body.get("serial"):
+            record = await asyncio.to_thread(ca.revoke, str(body["serial"]), reason)
+            serials = [record.serial]
+        else:
+            raise _HttpError(400, "give serial or component to revoke")
+        self.daemon.events.publish("certificate.revoked", f"revoked {', '.join(serials) or 'nothing'} ({reason})", str(body.get("component") or ""))
+        return web.json_response({"revoked": serials})
+
+    async def ca_rotate(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        root_key = body.get("root_key")
+        serial = await asyncio.to_thread(self._ca().rotate, Path(root_key) if root_key else None)
+        self.daemon.events.publish("ca.rotated", f"new intermediate {serial}")
+        return web.json_response({"intermediate": serial})
+
+    async def ca_crl(self, request: web.Request) -> web.Response:
+        crl = await asyncio.to_thread(self._ca().crl_pem)
+        return web.Response(body=crl, headers={"Content-Type": "application/x-pem-file"})
+
+    def _ca(self) -> Any:
+        ca = self.daemon.certificates.ca
+        if ca is None:
+            raise _HttpError(404, "this daemon has no CA yet: create one with `osvm ca init`")
+        return ca
+
     async def revisions(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         self._require_component(name)
@@ -283,6 +344,12 @@ class ApiServer:
             return error_response(422, str(error))
         except DeployError as error:
             return error_response(error.status, str(error))
+        except CAExistsError as error:
+            return error_response(409, str(error))
+        except (CertificateNotFound,) as error:
+            return error_response(404, str(error))
+        except (CAError, ValueError) as error:
+            return error_response(422, str(error))
         except web.HTTPException:
             raise
         except (ConnectionResetError, asyncio.CancelledError):
@@ -327,6 +394,29 @@ def _int_query(request: web.Request, name: str) -> int | None:
         return int(value)
     except ValueError:
         raise _HttpError(400, f"query parameter {name}={value!r} is not a whole number") from None
+
+
+def _ca_summary(ca: Any) -> dict[str, Any]:
+    return {
+        "trust_domain": ca.trust_domain,
+        "key_type": ca.key_type,
+        "directory": str(ca.directory),
+        "root_key_online": ca.root_key_online,
+        "root_not_after": ca.root_certificate.not_valid_after_utc.isoformat(),
+        "intermediate_not_after": ca.intermediate_certificate.not_valid_after_utc.isoformat(),
+    }
+
+
+def _certificate_json(record: Any) -> dict[str, Any]:
+    return {
+        "serial": record.serial,
+        "component": record.component,
+        "instance": record.instance_id,
+        "not_before": record.not_before.isoformat(),
+        "not_after": record.not_after.isoformat(),
+        "revoked_at": record.revoked_at.isoformat() if record.revoked_at else None,
+        "reason": record.reason,
+    }
 
 
 def _ndjson(value: dict[str, Any]) -> bytes:

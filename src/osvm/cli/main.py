@@ -279,6 +279,66 @@ def _phase_text(phase: dict[str, Any]) -> str:
     return f"{phase['phase']}={phase['finished_at'] - phase['started_at']:.1f}s"
 
 
+def cmd_ca(args: argparse.Namespace) -> int:
+    client = _client(args)
+    client.ensure_daemon()
+    action = args.ca_action
+    if action == "init":
+        body = {"trust_domain": args.trust_domain, "key_type": args.key_type}
+        if args.root_out:
+            body["root_out"] = str(Path(args.root_out).absolute())
+        result = client.post("/v1/ca/init", body)
+        if args.json:
+            _print_json(result)
+        else:
+            print(f"created a CA for trust domain {result['trust_domain']} ({result['key_type']}) in {result['directory']}")
+            if not result["root_key_online"]:
+                print(f"the root key is at {args.root_out}; keep it offline, `osvm ca rotate --root-key` needs it")
+        return OK
+    if action == "list":
+        result = client.get("/v1/ca/certificates", **({"component": args.component} if args.component else {}))
+        if args.json:
+            _print_json(result)
+            return OK
+        print(f"trust domain {result['trust_domain']} ({result['key_type']}), root key {'online' if result['root_key_online'] else 'offline'}")
+        rows = [
+            [item["serial"][:16], item["component"], item["instance"] or "-", item["not_after"][:19], "revoked" if item["revoked_at"] else "valid"]
+            for item in result["certificates"]
+        ]
+        print(table(["SERIAL", "COMPONENT", "INSTANCE", "NOT AFTER (UTC)", "STATE"], rows))
+        return OK
+    if action == "show":
+        result = client.get(f"/v1/ca/certificates/{args.serial}")
+        if args.json:
+            _print_json(result)
+        else:
+            for key in ("serial", "component", "instance", "not_before", "not_after", "revoked_at", "reason"):
+                print(f"{key}: {result[key]}")
+            print(result["pem"], end="")
+        return OK
+    if action == "revoke":
+        if bool(args.serial) == bool(args.component):
+            _error("give either a SERIAL or --component NAME")
+            return USAGE
+        body = {"reason": args.reason}
+        body.update({"component": args.component} if args.component else {"serial": args.serial})
+        result = client.post("/v1/ca/revoke", body)
+        if args.json:
+            _print_json(result)
+        else:
+            print(f"revoked: {', '.join(result['revoked']) or 'nothing'}")
+        return OK
+    if action == "rotate":
+        body = {"root_key": str(Path(args.root_key).absolute())} if args.root_key else {}
+        result = client.post("/v1/ca/rotate", body)
+        if args.json:
+            _print_json(result)
+        else:
+            print(f"new intermediate {result['intermediate']}; new certificates are signed by it")
+        return OK
+    return USAGE
+
+
 def cmd_revisions(args: argparse.Namespace) -> int:
     result = _client(args).get(f"/v1/components/{args.component}/revisions")
     if args.json:
@@ -493,6 +553,24 @@ def _build_parser() -> argparse.ArgumentParser:
     deployments.add_argument("component")
     deployments.add_argument("--limit", type=int, default=20, help="at most this many rollouts (default 20)")
     deployments.set_defaults(handler=cmd_deployments)
+
+    ca = commands.add_parser("ca", parents=[common], help="the internal certificate authority")
+    ca_actions = ca.add_subparsers(dest="ca_action", metavar="ACTION", required=True)
+    ca_init = ca_actions.add_parser("init", parents=[common], help="create the root and intermediate CA")
+    ca_init.add_argument("--trust-domain", default="osvm.local", help="SPIFFE trust domain of identities (default osvm.local)")
+    ca_init.add_argument("--key-type", default="ecdsa-p256", choices=["ecdsa-p256", "ed25519"], help="key type (default ecdsa-p256)")
+    ca_init.add_argument("--root-out", metavar="DIR", help="write the root key here and keep only the intermediate online")
+    ca_list = ca_actions.add_parser("list", parents=[common], help="list issued certificates")
+    ca_list.add_argument("--component", help="only this component's certificates")
+    ca_show = ca_actions.add_parser("show", parents=[common], help="show one certificate")
+    ca_show.add_argument("serial")
+    ca_revoke = ca_actions.add_parser("revoke", parents=[common], help="revoke a certificate, or every certificate of a component")
+    ca_revoke.add_argument("serial", nargs="?")
+    ca_revoke.add_argument("--component", help="revoke every unexpired certificate of this component")
+    ca_revoke.add_argument("--reason", default="unspecified", help="RFC 5280 reason, such as keyCompromise (default unspecified)")
+    ca_rotate = ca_actions.add_parser("rotate", parents=[common], help="make a new intermediate signed by the root")
+    ca_rotate.add_argument("--root-key", metavar="PATH", help="the offline root key, when `ca init --root-out` was used")
+    ca.set_defaults(handler=cmd_ca)
 
     revisions = commands.add_parser("revisions", parents=[common], help="list the stored revisions of a component")
     revisions.add_argument("component")

@@ -14,6 +14,8 @@ from osvm.api.server import ApiServer
 from osvm.deploy.manager import DeployError, DeployManager
 from osvm.logs.files import LogRotator
 from osvm.metrics.registry import Metrics
+from osvm.reconcile.certificates import CertificateManager
+from osvm.security.ca import CAError
 from osvm.reconcile.reconciler import DEFAULT_SUBNET_POOL, Reconciler
 from osvm.runtimes.process import ProcessRuntime
 from osvm.store import Store
@@ -55,6 +57,12 @@ class Daemon:
         self.reconciler = Reconciler(
             self.store, self.events, self.runtime, self.state_dir, self.subnet_pool, dict(os.environ)
         )
+        self.certificates = CertificateManager(self.state_dir / "ca", self.events)
+        try:
+            self.certificates.open()
+        except CAError as error:
+            raise DaemonError(f"cannot load the CA: {error}") from None
+        self.reconciler.certificates = self.certificates
         self.deployer = DeployManager(self.store, self.events, self.reconciler)
         self.reconciler.rollout_running = self.deployer.is_running
         self.reconciler.start_rollout = self._start_rollout
@@ -95,6 +103,7 @@ class Daemon:
             self.events.publish("daemon.stopping", f"{self._shutdown_reason}: instances keep running and are adopted at the next start")
             await self.api.stop()
             await self.deployer.shutdown()
+            await self.certificates.shutdown()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -16,10 +16,12 @@ from typing import Any, Callable
 from osvm.config.models import Component, Deployment
 from osvm.endpoints import Backend, Endpoint, EndpointError
 from osvm.reconcile import allocations
+from osvm.reconcile.certificates import CertificateManager
 from osvm.runtimes.base import LaunchPlan, Runtime
 from osvm.runtimes.netns import addressing_for
 from osvm.runtimes.process import DEFAULT_USER
 from osvm.runtimes.sandbox import SandboxError, find_user
+from osvm.security.ca import CAError
 from osvm.store import ComponentRecord, InstanceRecord, Store
 from osvm.store.events import EventBus
 from osvm.supervise.supervisor import InstanceState, InstanceSupervisor
@@ -73,6 +75,8 @@ class Reconciler:
         self.environ = dict(environ or {})
         self.supervisors: dict[str, InstanceSupervisor] = {}
         self.endpoints: dict[str, Endpoint] = {}
+        # Set by the daemon: issues, renews and revokes instance certificates.
+        self.certificates: CertificateManager | None = None
         # Set by the daemon: whether a rollout owns a component now, and how to start one.
         self.rollout_running: Callable[[str], bool] = lambda name: False
         self.start_rollout: Callable[[str, int, int, Component, str], Any] | None = None
@@ -227,6 +231,7 @@ class Reconciler:
                 "instance.adopted", f"adopted pid {record.pid} after a daemon restart", record.component, record.id
             )
             supervisor.start()
+            self._schedule_renewal(supervisor)
             return
         reason = "its process was gone" if record.pid else "it had not started"
         self.events.publish(
@@ -377,15 +382,35 @@ class Reconciler:
             record.cgroup = instance_id
         try:
             plan = self._plan_for(record, spec)
-        except ApplyError:
+            if self.certificates is not None:
+                self.certificates.issue_for_instance(name, instance_id, spec, plan.data_dir, self._instance_user(runtime, spec))
+        except (ApplyError, CAError, ValueError, KeyError, OSError) as error:
             allocations.release(self.store, instance_id)
-            raise
+            if isinstance(error, ApplyError):
+                raise
+            raise ApplyError(f"cannot issue the certificate of instance {instance_id}: {error}") from None
         self.store.add_instance(record)
         if in_rotation:
             self.store.set_component_status(name, "starting", f"instance {instance_id} created")
         supervisor = self._supervisor_for(record, plan)
         supervisor.start()
+        self._schedule_renewal(supervisor)
         return supervisor
+
+    def _instance_user(self, runtime: Runtime, spec: Component) -> str | None:
+        if not runtime.isolated:
+            return None
+        return spec.user or DEFAULT_USER
+
+    def _schedule_renewal(self, supervisor: InstanceSupervisor) -> None:
+        if self.certificates is None:
+            return
+        record = supervisor.record
+        spec = supervisor.plan.spec
+        user = self._instance_user(supervisor.runtime, spec)
+        self.certificates.schedule_renewal(
+            record.component, record.id, spec, supervisor.plan.data_dir, user, supervisor.reload_certificate
+        )
 
     def supervisor(self, instance_id: str) -> InstanceSupervisor | None:
         return self.supervisors.get(instance_id)
@@ -494,6 +519,8 @@ class Reconciler:
         env["OSVM_DATA_DIR"] = str(data_dir)
         for port_name, number in record.ports.items():
             env[f"OSVM_PORT_{port_name.upper()}"] = str(number)
+        if self.certificates is not None:
+            env.update(self.certificates.tls_env(data_dir))
         return env
 
     def _subnet_index(self, owner: str) -> int | None:
@@ -530,6 +557,8 @@ class Reconciler:
         for instance_id, supervisor in list(self.supervisors.items()):
             if supervisor.done:
                 allocations.release(self.store, instance_id)
+                if self.certificates is not None:
+                    self.certificates.revoke_instance(supervisor.record.component, instance_id)
                 del self.supervisors[instance_id]
 
     def _is_healthy(self, name: str) -> bool:

@@ -190,6 +190,10 @@ class ProcessRuntime:
         logger.info("adopted instance %s of %s: pid %d", plan.instance_id, plan.component, pid)
         return handle
 
+    def send_signal(self, handle: ProcessHandle, plan: LaunchPlan, name: str) -> None:
+        """Send a signal by name to the instance's command, such as SIGHUP after a certificate renewal."""
+        _send_signal(self._signal_target(handle, plan), signal.Signals[name], group=not self.isolated)
+
     def exec_prefix(self, handle: ProcessHandle, plan: LaunchPlan) -> tuple[str, ...]:
         """Return the command prefix that runs a program inside the instance, for exec probes."""
         if not self.isolated:

@@ -92,6 +92,28 @@ class InstanceSupervisor:
         self._restart_requested = True
         await self.runtime.stop(self.handle, self.plan)
 
+    async def reload_certificate(self) -> str:
+        """Tell the instance that its certificate files were replaced; return what was done."""
+        settings = self.plan.spec.tls
+        done = []
+        if settings is not None and settings.reload_signal and self.handle is not None:
+            send = getattr(self.runtime, "send_signal", None)
+            if send is not None:
+                send(self.handle, self.plan, settings.reload_signal)
+                done.append(f"sent {settings.reload_signal}")
+        if settings is not None and settings.reload_command:
+            env = dict(self.plan.env)
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *settings.reload_command, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+                )
+                code = await asyncio.wait_for(process.wait(), 30)
+                done.append(f"reload command exited with status {code}")
+            except (OSError, TimeoutError) as error:
+                self.log.error("reload command of instance %s failed: %s", self.record.id, error)
+                done.append(f"reload command failed: {error}")
+        return ", ".join(done) or "no reload signal or command is configured"
+
     def detach(self) -> None:
         """Cancel supervision but leave the process running, for a daemon that is shutting down."""
         if self._task is not None:
@@ -251,6 +273,10 @@ class InstanceSupervisor:
         if exit_status is not None:
             self.record.exit_code = exit_status.code
             self.record.exit_reason = exit_status.reason
+        if state in (InstanceState.BACKOFF, InstanceState.EXITED, InstanceState.FAILED):
+            # The component's status shows this reason. It starts with the exit reason, where there is
+            # one, and adds what happens next, such as "giving up after 3 restarts".
+            self.record.exit_reason = reason
         if state in (InstanceState.STOPPED, InstanceState.EXITED, InstanceState.FAILED):
             self.record.stopped_at = time.time()
             self.record.pid = None

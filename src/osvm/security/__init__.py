@@ -1,0 +1,1 @@
+"""Security: the internal certificate authority, workload identities, and connection policy between components."""
