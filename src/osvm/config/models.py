@@ -695,23 +695,6 @@ class Deployment(StrictModel):
         return problems
 
     def with_paths_resolved(self, base_dir: str) -> "Deployment":
-        """Return a copy where a command program written as ./x or ../x is made absolute against base_dir.
-
-        Relative programs are resolved against the deployment file's directory, as compose files do,
-        so a file works from any current directory.
-        """
-        import os.path
-
-        components = {}
-        for name, component in self.components.items():
-            argv = component.command
-            if isinstance(argv, list) and argv and argv[0].startswith(("./", "../")):
-                program = os.path.normpath(os.path.join(base_dir, argv[0]))
-                component = component.model_copy(update={"command": [program, *argv[1:]]})
-            components[name] = component
-        return self.model_copy(update={"components": components})
-
-    def with_paths_resolved(self, base_dir: str) -> "Deployment":
         """Return a copy in which each component's program path is resolved as Component.with_paths_resolved does."""
         components = {name: component.with_paths_resolved(base_dir) for name, component in self.components.items()}
         return self.model_copy(update={"components": components})

@@ -20,9 +20,11 @@ from typing import NamedTuple
 
 from osvm.config.models import Endpoint, Policy, PolicyRule
 
-# The decision cache, and the rule lists built per destination, are each cleared when they reach
-# this many entries, so that a stream of distinct names cannot grow them without bound.
+# The decision cache and the rule lists built per destination are cleared when they reach these
+# sizes, so that a stream of distinct names cannot grow them without bound. A deployment has far
+# fewer components than MAX_CACHED_DESTINATIONS.
 MAX_CACHED_DECISIONS = 65536
+MAX_CACHED_DESTINATIONS = 4096
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,7 @@ class _CompiledPolicy:
         candidates = self.candidates.get(destination)
         if candidates is None:
             candidates = (self.deny.candidates(destination), self.allow.candidates(destination))
-            if len(self.candidates) >= MAX_CACHED_DECISIONS:
+            if len(self.candidates) >= MAX_CACHED_DESTINATIONS:
                 self.candidates.clear()
             self.candidates[destination] = candidates
 
