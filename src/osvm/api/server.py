@@ -60,6 +60,7 @@ class ApiServer:
                 web.post("/v1/ca/revoke", self.ca_revoke),
                 web.post("/v1/ca/rotate", self.ca_rotate),
                 web.get("/v1/ca/crl", self.ca_crl),
+                web.get("/v1/policy/check", self.policy_check),
                 web.post("/v1/down", self.down),
                 web.get("/v1/events", self.events),
                 web.post("/v1/shutdown", self.shutdown),
@@ -211,6 +212,21 @@ class ApiServer:
         if record is None:
             raise _HttpError(404, f"rollout {rollout_id} not found: run `osvm deployments COMPONENT` to list them")
         return web.json_response({"rollout": record.to_json()})
+
+    async def policy_check(self, request: web.Request) -> web.Response:
+        source = request.query.get("from", "")
+        destination = request.query.get("to", "")
+        port = request.query.get("port", "")
+        if not (source and destination and port):
+            raise _HttpError(400, "give from, to and port, such as from=indexer&to=rpc&port=rpc")
+        components = {record.name for record in self.daemon.store.components()}
+        for role, name in (("source", source), ("destination", destination)):
+            if name not in components:
+                raise _HttpError(404, f"{role} component {name!r} not found (known: {', '.join(sorted(components)) or 'none'})")
+        decision = self.daemon.reconciler.policy.decide(source, destination, port)
+        return web.json_response(
+            {"from": source, "to": destination, "port": port, "allowed": decision.allowed, "kind": decision.kind, "rule": decision.rule}
+        )
 
     # --- certificate authority ---------------------------------------------------------------
 

@@ -339,6 +339,16 @@ def cmd_ca(args: argparse.Namespace) -> int:
     return USAGE
 
 
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    result = _client(args).get("/v1/policy/check", **{"from": args.source, "to": args.destination, "port": args.port})
+    if args.json:
+        _print_json(result)
+    else:
+        verdict = "ALLOW" if result["allowed"] else "DENY"
+        print(f"{verdict}: {result['from']} -> {result['to']} port {result['port']}: {result['rule']}")
+    return OK if result["allowed"] else FAILED
+
+
 def cmd_revisions(args: argparse.Namespace) -> int:
     result = _client(args).get(f"/v1/components/{args.component}/revisions")
     if args.json:
@@ -553,6 +563,16 @@ def _build_parser() -> argparse.ArgumentParser:
     deployments.add_argument("component")
     deployments.add_argument("--limit", type=int, default=20, help="at most this many rollouts (default 20)")
     deployments.set_defaults(handler=cmd_deployments)
+
+    policy = commands.add_parser("policy", parents=[common], help="explain network policy decisions")
+    policy_actions = policy.add_subparsers(dest="policy_action", metavar="ACTION", required=True)
+    check = policy_actions.add_parser(
+        "check", parents=[common], help="print whether FROM may reach port PORT of TO, and the rule that decides (exit 1 when denied)"
+    )
+    check.add_argument("source", metavar="FROM", help="source component")
+    check.add_argument("destination", metavar="TO", help="destination component")
+    check.add_argument("port", metavar="PORT", help="port name of the destination")
+    check.set_defaults(handler=cmd_policy_check)
 
     ca = commands.add_parser("ca", parents=[common], help="the internal certificate authority")
     ca_actions = ca.add_subparsers(dest="ca_action", metavar="ACTION", required=True)

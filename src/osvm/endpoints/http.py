@@ -1,8 +1,12 @@
 """HTTP mode: parse client requests with httptools and forward each one to a backend.
 
-Each client connection has one worker task that forwards its requests in order, so pipelined
-requests get their responses in order. Every request picks a backend from the current set,
-which moves keep-alive clients to new backends at request boundaries.
+A client connection forwards one request at a time and queues the rest, so pipelined requests
+get their responses in order. Every request picks a backend from the current set, which moves
+keep-alive clients to new backends at request boundaries.
+
+A request that finds a backend and an idle pooled connection is sent from the parser callback
+and finished from the upstream connection's callbacks, without a task. Waiting for a backend,
+connecting and retrying run in a task per request.
 """
 
 import asyncio
@@ -26,6 +30,10 @@ MAX_REQUEST_BODY = 64 * 1024 * 1024
 MAX_QUEUED_REQUESTS = 16
 # Bytes a client may send after a WebSocket upgrade request before the backend's response.
 MAX_HELD_BYTES = 1024 * 1024
+# After rejecting a request whose body may still be arriving, the proxy half-closes, discards
+# what arrives for up to this many seconds and then closes. Closing a socket that still
+# receives data makes the kernel send a reset, which destroys the response at the client.
+LINGER_TIME = 2.0
 
 # Request headers that the proxy drops or rewrites: hop-by-hop headers, which apply to one
 # connection only, and the framing and forwarding headers that the proxy sets itself.
@@ -35,6 +43,7 @@ REQUEST_HEADERS_REWRITTEN = frozenset((
 ))
 CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade"))
 CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
+NO_EXCLUSIONS: frozenset[BackendState] = frozenset()
 REASONS = {
     400: b"Bad Request",
     405: b"Method Not Allowed",
@@ -116,8 +125,9 @@ class HttpClientProtocol(asyncio.Protocol):
 
     __slots__ = (
         "endpoint", "transport", "parser", "client_ip", "queue", "request", "last_request", "continuation",
-        "skip_head", "stopped_parsing", "hold", "reading_paused", "worker", "wakeup", "busy",
-        "pending_continue", "closed", "client_eof", "upgraded", "write_paused", "upstream", "drained",
+        "skip_head", "stopped_parsing", "hold", "reading_paused", "task", "busy", "current", "state",
+        "reused", "retried", "pending_continue", "closed", "closing", "client_eof", "upgraded",
+        "write_paused", "upstream", "drained", "linger_timer",
     )
 
     def __init__(self, endpoint: "Endpoint") -> None:
@@ -136,12 +146,21 @@ class HttpClientProtocol(asyncio.Protocol):
         # Bytes received after a WebSocket upgrade request, kept until the backend responds.
         self.hold: bytearray | None = None
         self.reading_paused = False
-        self.worker: asyncio.Task[None] | None = None
-        self.wakeup: asyncio.Future[None] | None = None
+        # The task that waits for a backend or connects for the current request, if any.
+        self.task: asyncio.Task[None] | None = None
+        # Whether a request is in progress: `current`, on backend `state` once one is chosen.
         self.busy = False
+        self.current: HttpRequest | None = None
+        self.state: BackendState | None = None
+        # Whether the current request went out on a pooled connection, and whether it is the
+        # one retry on a new connection after a pooled connection failed.
+        self.reused = False
+        self.retried = False
         # A request with "Expect: 100-continue" that waits for earlier responses before the 100.
         self.pending_continue: HttpRequest | None = None
         self.closed = False
+        # Whether the proxy closed the connection, which may still be flushing its last response.
+        self.closing = False
         # Whether the client half-closed its side. It still gets the responses to its requests.
         self.client_eof = False
         self.upgraded = False
@@ -149,6 +168,7 @@ class HttpClientProtocol(asyncio.Protocol):
         # The upstream connection of the exchange in progress.
         self.upstream: UpstreamConnection | None = None
         self.drained = False
+        self.linger_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -161,6 +181,8 @@ class HttpClientProtocol(asyncio.Protocol):
         self.endpoint.clients.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.linger_timer is not None:
+            return
         if self.hold is not None:
             self.hold += data
             if len(self.hold) >= MAX_HELD_BYTES:
@@ -170,6 +192,8 @@ class HttpClientProtocol(asyncio.Protocol):
             self._feed(data)
 
     def eof_received(self) -> bool:
+        if self.linger_timer is not None:
+            return False
         self.client_eof = True
         # Keep the transport open for writing while requests wait for their responses.
         return self.busy or bool(self.queue)
@@ -180,9 +204,11 @@ class HttpClientProtocol(asyncio.Protocol):
         upstream = self.upstream
         if upstream is not None and not upstream.result:
             upstream.abort("the client closed the connection")
-        worker = self.worker
-        if worker is not None and not worker.done():
-            worker.cancel()
+        task = self.task
+        if task is not None and not task.done():
+            task.cancel()
+        if self.linger_timer is not None:
+            self.linger_timer.cancel()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -204,16 +230,16 @@ class HttpClientProtocol(asyncio.Protocol):
             upstream.abort("the instance was drained before the response was complete")
 
     def close_for_stop(self) -> "asyncio.Task[None] | None":
-        """Cancel the worker and close the connection; return the worker for the caller to await."""
-        worker = self.worker
-        if worker is not None and not worker.done():
-            worker.cancel()
+        """Cancel the request's task and close the connection; return the task for the caller to await."""
+        task = self.task
+        if task is not None and not task.done():
+            task.cancel()
         if self.busy:
             # A response in progress cannot be completed, so its buffered bytes are discarded.
             self.transport.abort()  # type: ignore[union-attr]
         else:
             self.transport.close()  # type: ignore[union-attr]
-        return worker
+        return task
 
     # --- parsing ----------------------------------------------------------------------------
 
@@ -403,12 +429,8 @@ class HttpClientProtocol(asyncio.Protocol):
         self.queue.append(request)
         if len(self.queue) >= MAX_QUEUED_REQUESTS:
             self._update_reading()
-        if self.worker is None:
-            self.worker = self.endpoint.loop.create_task(self._serve())
-            return
-        wakeup = self.wakeup
-        if wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
+        if not self.busy:
+            self._dispatch()
 
     def _update_reading(self) -> None:
         pause = (
@@ -426,121 +448,160 @@ class HttpClientProtocol(asyncio.Protocol):
 
     # --- forwarding -------------------------------------------------------------------------
 
-    async def _serve(self) -> None:
-        """Forward queued requests in order until the connection closes."""
-        queue = self.queue
-        loop = self.endpoint.loop
-        try:
-            while True:
-                if not queue:
-                    self.wakeup = loop.create_future()
-                    await self.wakeup
-                    continue
-                request = queue.popleft()
-                if self.reading_paused:
-                    self._update_reading()
+    def _dispatch(self) -> None:
+        """Start the next queued request unless one is in progress."""
+        if self.busy or self.closed or self.closing or self.upgraded or not self.queue:
+            return
+        request = self.queue.popleft()
+        if self.reading_paused:
+            self._update_reading()
+        self.busy = True
+        self.current = request
 
-                self.busy = True
-                keep_open = await self._handle(request)
-                self.busy = False
-                if self.closed or self.upgraded:
-                    return
-                if not keep_open or (self.client_eof and not queue):
-                    self.transport.close()  # type: ignore[union-attr]
-                    return
-                if self.pending_continue is not None and not queue:
-                    self.pending_continue = None
-                    self.transport.write(CONTINUE_RESPONSE)  # type: ignore[union-attr]
-        except asyncio.CancelledError:
-            # connection_lost() or Endpoint.stop() cancelled the worker. _forward() has
-            # already released what the exchange held.
-            pass
-
-    async def _handle(self, request: HttpRequest) -> bool:
-        """Respond to one request; return whether the client connection stays open."""
         if request.rejection is not None:
             status, message = request.rejection
-            return self._respond_error(request, status, message, keep_alive=False)
-        if not request.websocket:
-            return await self._forward(request)
-        try:
-            return await self._forward(request)
-        finally:
-            if not self.upgraded and not self.closed:
-                self._release_hold()
+            self._respond_error(request, status, message, keep_alive=False)
+            self._close_lingering()
+            return
 
-    async def _forward(self, request: HttpRequest) -> bool:
-        """Forward one request, retrying where no backend can have seen it; return whether to keep the client."""
+        endpoint = self.endpoint
+        state = endpoint.pick(NO_EXCLUSIONS)
+        if state is not None:
+            upstream = endpoint.take_idle(state)
+            if upstream is not None:
+                state.exchanges.add(self)
+                self._send(request, state, upstream, reused=True, retried=False)
+                return
+        self._start_task(request, state, fresh_only=False)
+
+    def _start_task(self, request: HttpRequest, state: BackendState | None, fresh_only: bool) -> None:
+        self.task = self.endpoint.loop.create_task(self._connect_and_send(request, state, fresh_only))
+
+    async def _connect_and_send(self, request: HttpRequest, state: BackendState | None, fresh_only: bool) -> None:
+        """Find a backend and a connection for the request, then send it.
+
+        Waits up to queue_timeout for a backend, and tries other backends of the current set
+        when a connect fails. `state` is a backend already picked, and fresh_only skips the pool.
+        """
         endpoint = self.endpoint
         excluded: set[BackendState] = set()
         deadline = 0.0
-        fresh_only = False
         connect_failure = ""
         while True:
-            state = endpoint.pick(excluded)
+            if state is None:
+                state = endpoint.pick(excluded)
             if state is None:
                 if not deadline:
                     deadline = endpoint.loop.time() + endpoint.queue_timeout
                 state = await endpoint.wait_for_backend(excluded, deadline)
                 if state is None:
-                    return self._respond_unavailable(request, connect_failure)
+                    self._finish_request(self._respond_unavailable(request, connect_failure))
+                    return
 
+            # Registered before the connect, so drain() waits for this request too.
             state.exchanges.add(self)
             self.drained = False
-            upstream = None
-            try:
-                if not fresh_only:
-                    upstream = endpoint.take_idle(state)
-                reused = upstream is not None
-                if upstream is None:
-                    try:
-                        upstream = await endpoint.connect_http(state)
-                    except (OSError, TimeoutError) as exc:
-                        connect_failure = endpoint.record_connect_failure(state, exc)
-                        excluded.add(state)
-                        continue
-                if self.drained:
-                    # drain() closed this exchange while it was connecting. No byte of the
-                    # request was sent, so another backend can take it.
-                    upstream.close()
+            upstream = None if fresh_only else endpoint.take_idle(state)
+            reused = upstream is not None
+            if upstream is None:
+                try:
+                    upstream = await endpoint.connect_http(state)
+                except (OSError, TimeoutError) as exc:
+                    state.release_exchange(self)
+                    connect_failure = endpoint.record_connect_failure(state, exc)
                     excluded.add(state)
-                    upstream = None
+                    state = None
+                    continue
+                except asyncio.CancelledError:
+                    state.release_exchange(self)
+                    raise
+                if self.drained:
+                    # drain() closed this request while it was connecting. No byte of it was
+                    # sent, so another backend can take it.
+                    upstream.close()
+                    state.release_exchange(self)
+                    excluded.add(state)
+                    state = None
                     continue
 
-                self.upstream = upstream
-                await upstream.start(request, self, request.encode(state.backend))
-                result = upstream.result
+            self._send(request, state, upstream, reused, retried=fresh_only)
+            return
 
-                if result == FAILED:
-                    if reused and not upstream.received and not self.drained and not self.closed:
-                        # The backend probably closed the pooled connection while it was idle.
-                        fresh_only = True
-                        upstream.close()
-                        upstream = None
-                        continue
-                    keep_open = self._after_failure(request, state, upstream)
-                    upstream.close()
-                    upstream = None
-                    return keep_open
+    def _send(
+        self, request: HttpRequest, state: BackendState, upstream: UpstreamConnection, reused: bool, retried: bool
+    ) -> None:
+        self.state = state
+        self.upstream = upstream
+        self.reused = reused
+        self.retried = retried
+        upstream.start(request, self, request.encode(state.backend))
 
-                state.requests += 1
-                if result == UPGRADED:
-                    self._open_tunnel(state, upstream)
-                    upstream = None
-                    return False
+    def on_exchange_finished(self, upstream: UpstreamConnection) -> None:
+        """Count and settle the exchange once the upstream connection has set its result."""
+        request = self.current
+        state = self.state
+        self.upstream = None
+        self.state = None
+        result = upstream.result
 
-                if upstream.status >= 500:
-                    state.errors += 1
-                keep_open = upstream.client_keep_alive
-                endpoint.release_upstream(upstream, result == RESPONSE_DONE and not request.websocket)
-                upstream = None
-                return keep_open
-            finally:
-                self.upstream = None
-                state.release_exchange(self)
-                if upstream is not None:
-                    # Cancelled while connecting or while the response was in progress.
-                    upstream.abort("the client closed the connection")
+        if result == FAILED:
+            stale = self.reused and not self.retried and not upstream.received
+            if stale and not self.drained and not self.closed:
+                # The backend probably closed the pooled connection while it was idle, so the
+                # request is sent once more on a new connection.
+                upstream.close()
+                state.release_exchange(self)  # type: ignore[union-attr]
+                self._start_task(request, None, fresh_only=True)  # type: ignore[arg-type]
+                return
+            keep_open = self._after_failure(request, state, upstream)  # type: ignore[arg-type]
+            upstream.close()
+        elif result == UPGRADED:
+            state.requests += 1  # type: ignore[union-attr]
+            # The tunnel registers as long-lived before the exchange is released below, so
+            # drain() never sees the backend idle in between.
+            self._open_tunnel(state, upstream)  # type: ignore[arg-type]
+            keep_open = False
+        else:
+            state.requests += 1  # type: ignore[union-attr]
+            if upstream.status >= 500:
+                state.errors += 1  # type: ignore[union-attr]
+            keep_open = upstream.client_keep_alive
+            self.endpoint.release_upstream(upstream, result == RESPONSE_DONE and not request.websocket)  # type: ignore[union-attr]
+
+        state.release_exchange(self)  # type: ignore[union-attr]
+        self._finish_request(keep_open)
+
+    def _close_lingering(self) -> None:
+        """Half-close after a rejection, discard what the client still sends, and close after LINGER_TIME."""
+        self.closing = True
+        self.busy = False
+        self.current = None
+        transport = self.transport
+        if not transport.can_write_eof():  # type: ignore[union-attr]
+            transport.close()  # type: ignore[union-attr]
+            return
+        transport.write_eof()  # type: ignore[union-attr]
+        self.linger_timer = self.endpoint.loop.call_later(LINGER_TIME, transport.close)  # type: ignore[union-attr]
+        self.reading_paused = False
+        transport.resume_reading()  # type: ignore[union-attr]
+
+    def _finish_request(self, keep_open: bool) -> None:
+        """End the current request, then close the connection or start the next request."""
+        request = self.current
+        self.current = None
+        self.busy = False
+        if self.closed or self.upgraded:
+            return
+        if not keep_open or (self.client_eof and not self.queue):
+            self.closing = True
+            self.transport.close()  # type: ignore[union-attr]
+            return
+        if request is not None and request.websocket and self.hold is not None:
+            self._release_hold()
+        if self.pending_continue is not None and not self.queue:
+            self.pending_continue = None
+            self.transport.write(CONTINUE_RESPONSE)  # type: ignore[union-attr]
+        self._dispatch()
 
     def _after_failure(self, request: HttpRequest, state: BackendState, upstream: UpstreamConnection) -> bool:
         """Count a failed exchange and answer 502 if no response byte was sent; return whether to keep the client."""
@@ -578,11 +639,7 @@ class HttpClientProtocol(asyncio.Protocol):
         return keep_alive
 
     def _open_tunnel(self, state: BackendState, upstream: UpstreamConnection) -> None:
-        """Turn the client connection and the upstream connection into a WebSocket tunnel.
-
-        The exchange is released by the caller only after the tunnel registers as long-lived,
-        so drain() never sees the backend idle in between.
-        """
+        """Turn the client connection and the upstream connection into a WebSocket tunnel."""
         client_end = TunnelEnd()
         client_end.transport = self.transport
         tunnel = Tunnel(state, client_end)

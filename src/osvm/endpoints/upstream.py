@@ -41,12 +41,14 @@ class UpstreamConnection(asyncio.Protocol):
     """One connection to a backend, serving one exchange at a time.
 
     The response head and body are written to the client transport as they arrive, so a large
-    response never sits in memory. `waiter` resolves when `result` leaves PENDING.
+    response never sits in memory. When `result` leaves PENDING the connection calls the
+    client's on_exchange_finished(), after writing the bytes received so far and outside the
+    parser callbacks, so the client may send its next request on this connection at once.
     """
 
     __slots__ = (
         "state", "transport", "parser", "idle_since", "lost", "aborted", "reading_paused",
-        "client", "request", "waiter", "result", "error", "received", "leftover",
+        "client", "request", "feeding", "notified", "result", "error", "received", "leftover",
         "status", "reason", "headers", "interim", "headers_done", "body_mode", "until_eof",
         "transfer_encoding", "client_keep_alive", "out",
     )
@@ -61,7 +63,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.reading_paused = False
         self.client: "HttpClientProtocol | None" = None
         self.request: "HttpRequest | None" = None
-        self.waiter: asyncio.Future[None] | None = None
+        # Whether feed_data() is running, which defers the call to on_exchange_finished().
+        self.feeding = False
+        self.notified = False
         self.result = PENDING
         self.error = ""
         # Whether any byte of the current response arrived. A reused connection that fails
@@ -84,27 +88,25 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- used by the client side ------------------------------------------------------------
 
-    def start(self, request: "HttpRequest", client: "HttpClientProtocol", data: bytes) -> asyncio.Future[None]:
-        """Send one request and return the future that resolves when `result` is set."""
+    def start(self, request: "HttpRequest", client: "HttpClientProtocol", data: bytes) -> None:
+        """Send one request. The client's on_exchange_finished() is called once `result` is set."""
         self.client = client
         self.request = request
         self.result = PENDING
+        self.notified = False
         self.error = ""
         self.received = False
         self.status = 0
         self.interim = False
         self.headers_done = False
-        self.waiter = waiter = asyncio.get_running_loop().create_future()
         self.transport.write(data)  # type: ignore[union-attr]
         if client.write_paused:
             self.pause_reading()
-        return waiter
 
     def detach(self) -> None:
         """End the exchange, so bytes that arrive later close the connection."""
         self.client = None
         self.request = None
-        self.waiter = None
         if self.reading_paused:
             self.resume_reading()
 
@@ -148,19 +150,25 @@ class UpstreamConnection(asyncio.Protocol):
 
         self.received = True
         self.out = out = []
+        self.feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             if self.status == 101 and not self.result:
                 self.leftover = data[exc.args[0]:]
-                self._finish(UPGRADED)
+                self.result = UPGRADED
         except httptools.HttpParserError as exc:
             if not self.result:
-                self._fail(f"invalid HTTP response: {exc}")
+                self.error = f"invalid HTTP response: {exc}"
+                self.result = FAILED
             self.transport.abort()  # type: ignore[union-attr]
+        finally:
+            self.feeding = False
 
         if out and not client.closed:
             client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if self.result:
+            self._notify()
 
     def eof_received(self) -> None:
         # Returning None closes the transport, and connection_lost() settles the exchange.
@@ -254,17 +262,22 @@ class UpstreamConnection(asyncio.Protocol):
         chunked = False
         has_length = False
         options: set[bytes] | None = None
+        parts = [b"HTTP/1.1 %d " % status, self.reason, b"\r\n"]
         for name, value in self.headers:
             lowered = name.lower()
-            if lowered == b"transfer-encoding":
+            if lowered not in RESPONSE_HOP_BY_HOP:
+                if lowered == b"content-length":
+                    has_length = True
+                parts += (name, b": ", value, b"\r\n")
+            elif lowered == b"transfer-encoding":
                 self.transfer_encoding = value
                 chunked = b"chunked" in value.lower()
-            elif lowered == b"content-length":
-                has_length = True
             elif lowered == b"connection":
                 tokens = {token.strip() for token in value.lower().split(b",")} - CONNECTION_OPTIONS
                 if tokens:
                     options = tokens if options is None else options | tokens
+        if options is not None or (chunked and has_length) or status == 101:
+            parts = parts[:3] + self._filter_headers(status, chunked, options)
 
         http10 = request.http10  # type: ignore[union-attr]
         self.until_eof = False
@@ -283,20 +296,6 @@ class UpstreamConnection(asyncio.Protocol):
         keep_alive = request.keep_alive and not ends_at_close  # type: ignore[union-attr]
         self.client_keep_alive = keep_alive
 
-        parts = [b"HTTP/1.1 %d " % status, self.reason, b"\r\n"]
-        for name, value in self.headers:
-            lowered = name.lower()
-            if lowered in RESPONSE_HOP_BY_HOP:
-                if status == 101 and lowered == b"upgrade":
-                    parts += (name, b": ", value, b"\r\n")
-                continue
-            if options is not None and lowered in options:
-                continue
-            if chunked and lowered == b"content-length":
-                # Transfer-Encoding overrides Content-Length, and a sender must not send both.
-                continue
-            parts += (name, b": ", value, b"\r\n")
-
         if self.body_mode == BODY_CHUNKED:
             # Keep codings such as gzip that are applied before chunked, since the body stays encoded.
             coding = self.transfer_encoding if chunked else b"chunked"
@@ -310,11 +309,33 @@ class UpstreamConnection(asyncio.Protocol):
         parts.append(b"\r\n")
         return b"".join(parts)
 
+    def _filter_headers(self, status: int, chunked: bool, options: set[bytes] | None) -> list[bytes]:
+        """Encode the response headers again for the uncommon cases that the first pass leaves in."""
+        parts: list[bytes] = []
+        for name, value in self.headers:
+            lowered = name.lower()
+            if lowered in RESPONSE_HOP_BY_HOP:
+                if status == 101 and lowered == b"upgrade":
+                    parts += (name, b": ", value, b"\r\n")
+                continue
+            if options is not None and lowered in options:
+                continue
+            if chunked and lowered == b"content-length":
+                # Transfer-Encoding overrides Content-Length, and a sender must not send both.
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        return parts
+
     def _finish(self, result: int) -> None:
         self.result = result
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if not self.feeding:
+            self._notify()
+
+    def _notify(self) -> None:
+        client = self.client
+        if client is not None and not self.notified:
+            self.notified = True
+            client.on_exchange_finished(self)
 
     def _fail(self, error: str) -> None:
         self.error = error

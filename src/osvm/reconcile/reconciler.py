@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from osvm.config.models import Component, Deployment
+from osvm.config.models import Component, Deployment, Policy
 from osvm.endpoints import Backend, Endpoint, EndpointError
 from osvm.reconcile import allocations
 from osvm.reconcile.certificates import CertificateManager
@@ -22,6 +22,8 @@ from osvm.runtimes.netns import addressing_for
 from osvm.runtimes.process import DEFAULT_USER
 from osvm.runtimes.sandbox import SandboxError, find_user
 from osvm.security.ca import CAError
+from osvm.security.firewall import EgressRule, FirewallError, IngressRule, NamespaceFirewall, parse_egress_entry
+from osvm.security.policy import PolicyEngine, decide_for_endpoint
 from osvm.store import ComponentRecord, InstanceRecord, Store
 from osvm.store.events import EventBus
 from osvm.supervise.supervisor import InstanceState, InstanceSupervisor
@@ -75,6 +77,8 @@ class Reconciler:
         self.environ = dict(environ or {})
         self.supervisors: dict[str, InstanceSupervisor] = {}
         self.endpoints: dict[str, Endpoint] = {}
+        self.policy = PolicyEngine(Policy())
+        self._load_policy()
         # Set by the daemon: issues, renews and revokes instance certificates.
         self.certificates: CertificateManager | None = None
         # Set by the daemon: whether a rollout owns a component now, and how to start one.
@@ -108,13 +112,64 @@ class Reconciler:
                 action = "retried"
             changes.append({"component": name, "revision": revision, "action": action})
 
+        self.store.set_setting(f"policy:{deployment.name}", deployment.policy.model_dump(mode="json", by_alias=True))
+        self._load_policy()
         for record in self.store.components():
             if record.deployment == deployment.name and record.name not in deployment.components and record.desired != REMOVED:
                 self.store.set_desired(record.name, REMOVED)
                 self.events.publish("component.removed", f"no longer in {file or 'the deployment'}", record.name)
                 changes.append({"component": record.name, "revision": record.revision, "action": "removed"})
         self.wake()
+        self._refresh_firewalls()
         return changes
+
+    def _load_policy(self) -> None:
+        """Merge the stored policies of every deployment into the engine."""
+        allow: list[Any] = []
+        deny: list[Any] = []
+        for document in self.store.settings("policy:").values():
+            policy = Policy.model_validate(document)
+            allow += policy.allow
+            deny += policy.deny
+        self.policy.set_policy(Policy(allow=allow, deny=deny))
+
+    def firewall_rules(
+        self, component: str, spec: Component, addressing: Any, ports: list[int]
+    ) -> tuple[list[IngressRule], list[EgressRule]]:
+        """Return the nftables rules of a namespaced instance: what policy and the spec allow, nothing else.
+
+        Ingress: the instance's ports, from the host side of its veth only (the daemon's probes and
+        endpoints). Egress: the endpoints of components that policy lets this component reach, at the
+        host side of the veth, plus the spec's allow_egress entries.
+        """
+        ingress = [IngressRule(port=number, source=addressing.host_address) for number in sorted(set(ports))]
+        egress: list[EgressRule] = []
+        for destination in self.store.components():
+            if destination.desired == REMOVED:
+                continue
+            target = Component.model_validate(self.store.revision_spec(destination.name, destination.revision))
+            if target.endpoint is None or target.endpoint.listen.startswith("unix:"):
+                continue
+            port_name = target.backend_port_name() or "*"
+            decision = decide_for_endpoint(self.policy, target.endpoint, component, destination.name, port_name)
+            if decision.allowed:
+                listen_port = int(target.endpoint.listen.rsplit(":", 1)[1])
+                egress.append(EgressRule(address=addressing.host_address, port=listen_port))
+        egress += [parse_egress_entry(entry) for entry in spec.network.allow_egress]
+        return ingress, egress
+
+    def _refresh_firewalls(self) -> None:
+        """Reload the firewall of every running namespaced instance after the policy changed."""
+        for supervisor in list(self.supervisors.values()):
+            plan = supervisor.plan
+            if plan.netns_name is None or plan.addressing is None or supervisor.done:
+                continue
+            ports = list(supervisor.record.ports.values())
+            ingress, egress = self.firewall_rules(supervisor.record.component, plan.spec, plan.addressing, ports)
+            try:
+                NamespaceFirewall(plan.netns_name).apply(ingress, egress)
+            except FirewallError as error:
+                self.events.publish("firewall.failed", str(error), supervisor.record.component, supervisor.record.id, logging.ERROR)
 
     def check_applicable(self, deployment: Deployment) -> None:
         """Check what validation of the file alone cannot: users exist and command references resolve.
@@ -491,9 +546,12 @@ class Reconciler:
         env = self._instance_env(record, spec, data_dir)
         argv = [_substitute(argument, env, record.component) for argument in spec.argv()]
         addressing = None
+        firewall = None
         if record.netns is not None:
             index = self._subnet_index(record.id)
             addressing = addressing_for(index, self.subnet_pool) if index is not None else None
+            if addressing is not None:
+                firewall = self.firewall_rules(record.component, spec, addressing, list(record.ports.values()))
         return LaunchPlan(
             instance_id=record.id,
             component=record.component,
@@ -505,6 +563,7 @@ class Reconciler:
             log_path=instance_dir / "output.log",
             netns_name=record.netns,
             addressing=addressing,
+            firewall=firewall,
         )
 
     def _instance_env(self, record: InstanceRecord, spec: Component, data_dir: Path) -> dict[str, str]:

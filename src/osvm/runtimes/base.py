@@ -6,6 +6,7 @@ from typing import Protocol
 
 from osvm.config.models import Component
 from osvm.runtimes.netns import VethAddressing
+from osvm.security.firewall import EgressRule, IngressRule
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class LaunchPlan:
     # Set for network mode "namespace": the netns name and its veth addressing.
     netns_name: str | None = None
     addressing: "VethAddressing | None" = None
+    # nftables rules inside the network namespace: default drop, these accepted.
+    firewall: "tuple[list[IngressRule], list[EgressRule]] | None" = None
 
     @property
     def netns_path(self) -> str | None:

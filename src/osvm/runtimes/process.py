@@ -19,6 +19,7 @@ from osvm.runtimes import procinfo
 from osvm.runtimes.base import ExitStatus, LaunchPlan, ProcessHandle
 from osvm.runtimes.netns import InstanceNetwork, NetworkError
 from osvm.runtimes.cgroups import Cgroup, CgroupError, CgroupLimits, detect_layout
+from osvm.security.firewall import FirewallError, NamespaceFirewall
 from osvm.runtimes.sandbox import STATUS_FD, SandboxError, build_sandbox_argv, find_user, missing_tools
 
 logger = logging.getLogger("osvm.runtimes.process")
@@ -255,9 +256,20 @@ class ProcessRuntime:
         if existing is not None:
             existing.remove()
         try:
-            InstanceNetwork.create(plan.instance_id, plan.addressing)
+            network = InstanceNetwork.create(plan.instance_id, plan.addressing)
         except NetworkError as error:
             raise ProcessRuntimeError(f"cannot create the network namespace of instance {plan.instance_id}: {error}") from None
+        if plan.firewall is not None:
+            ingress, egress = plan.firewall
+            try:
+                NamespaceFirewall(network.netns_name).apply(ingress, egress)
+            except FirewallError as error:
+                network.remove()
+                raise ProcessRuntimeError(f"cannot load the firewall of instance {plan.instance_id}: {error}") from None
+            logger.info(
+                "firewall of instance %s: default drop, %d ingress and %d egress rules",
+                plan.instance_id, len(ingress), len(egress),
+            )
 
     def _full_argv(self, plan: LaunchPlan, status_fd: int | None) -> list[str]:
         if not self.isolated:

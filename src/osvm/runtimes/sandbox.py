@@ -97,6 +97,12 @@ def build_sandbox_argv(
     ]
     for hidden in hidden_dirs:
         chain += ["--tmpfs", str(hidden)]
+        # bwrap 0.8 creates missing parents of a bind destination with mode 0700, which the
+        # instance's user cannot pass through, so the directories between a hidden directory and
+        # the data directory are made here with mode 0755.
+        for parent in reversed(data_dir.parents):
+            if parent != hidden and parent.is_relative_to(hidden):
+                chain += ["--perms", "0755", "--dir", str(parent)]
     chain += ["--bind", str(data_dir), str(data_dir)]
     chain += [
         "--unshare-pid",

@@ -431,6 +431,23 @@ class Store:
         else:
             self._execute("DELETE FROM allocations WHERE owner = ? AND kind = ?", (owner, kind))
 
+    # --- settings ----------------------------------------------------------------------------
+
+    def set_setting(self, key: str, value: Any) -> None:
+        """Store a JSON value under a key in the meta table, such as the policy of a deployment."""
+        self._execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, json.dumps(value, sort_keys=True)),
+        )
+
+    def setting(self, key: str) -> Any:
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return json.loads(row["value"]) if row else None
+
+    def settings(self, prefix: str) -> dict[str, Any]:
+        rows = self._all("SELECT key, value FROM meta WHERE key LIKE ? ORDER BY key", (prefix + "%",))
+        return {row["key"]: json.loads(row["value"]) for row in rows}
+
     # --- private helpers ---------------------------------------------------------------------
 
     def _check_schema_version(self) -> None:

@@ -1,0 +1,1201 @@
+/*
+ * osvm guest agent: PID 1 of a microVM.
+ *
+ * It mounts /proc, /sys and /dev, loads the kernel modules listed in /osvm/modules.list, switches
+ * to an ext4 root disk when /osvm/root names one, configures eth0 for QEMU's user network, and
+ * then waits on the virtio-serial port "osvm.agent" for the host's START message with the
+ * component's argv and environment. The component's stdout and stderr go to the port "osvm.log",
+ * which QEMU appends to the instance's output.log. Exec probes arrive on "osvm.exec" (or on
+ * "osvm.agent"). A SHUTDOWN message, the ACPI power button, SIGTERM or SIGPWR stop the component
+ * with its stop signal, then SIGKILL after the grace period, then power the VM off. When the
+ * component exits on its own, the agent powers the VM off too, so QEMU's exit is the instance's exit.
+ *
+ * The wire format is described in src/osvm/runtimes/microvm/protocol.py, which must stay in step
+ * with the constants below.
+ *
+ * Build: gcc -static -O2 -s -o osvm-agent agent.c
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/input.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PROTOCOL_VERSION 1
+#define FRAME_MAGIC 0x4F56 /* "OV" */
+#define HEADER_SIZE 8
+#define MAX_PAYLOAD (1u << 20)
+
+enum message_type {
+    MSG_HELLO = 1,
+    MSG_START = 2,
+    MSG_READY = 3,
+    MSG_START_FAILED = 4,
+    MSG_EXEC = 5,
+    MSG_EXEC_RESULT = 6,
+    MSG_SHUTDOWN = 8,
+    MSG_EXITED = 9,
+    MSG_ECHO = 10,
+    MSG_ECHO_REPLY = 11,
+    MSG_ERROR = 12,
+};
+
+enum component_state { STATE_WAITING = 0, STATE_RUNNING = 1, STATE_EXITED = 2, STATE_STOPPING = 3 };
+
+#define DEFAULT_PATH "/app:/app/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#define DEFAULT_GRACE_MS 10000
+/* Output kept per exec request; the host shows only the last line. */
+#define EXEC_TAIL_BYTES 4096
+#define MAX_EXEC_JOBS 16
+#define MAX_INPUTS 8
+/* Frames queued for a host that is not connected; more are dropped, since HELLO restates the state. */
+#define MAX_QUEUED_BYTES (1u << 20)
+/* Component output buffered for the log port; the agent stops reading the component's pipe above it. */
+#define LOG_HIGH_WATER (64u * 1024)
+/* How long the agent waits for devices that modules create asynchronously. */
+#define DEVICE_WAIT_MS 10000
+/* How long the agent tries to deliver its last messages before it powers off. */
+#define FLUSH_BEFORE_POWEROFF_MS 1000
+/* How often disconnected ports are checked, in case SIGIO for a host connection is missed. */
+#define RECONNECT_CHECK_MS 1000
+
+struct buffer {
+    uint8_t *data;
+    size_t len;
+    size_t cap;
+};
+
+struct channel {
+    const char *name;
+    int fd;
+    int connected;
+    struct buffer in;
+    struct buffer out;
+};
+
+struct exec_job {
+    int used;
+    uint32_t id;
+    pid_t pid;
+    int out_fd;
+    struct channel *channel;
+    char tail[EXEC_TAIL_BYTES];
+    size_t tail_len;
+    int64_t deadline_ms;
+};
+
+static struct channel control = {.name = "osvm.agent", .fd = -1};
+static struct channel exec_channel = {.name = "osvm.exec", .fd = -1};
+static int log_fd = -1;
+static struct buffer log_pending;
+static unsigned long log_dropped;
+
+static int input_fds[MAX_INPUTS];
+static int input_count;
+static int signal_fd = -1;
+
+static enum component_state state = STATE_WAITING;
+static pid_t component_pid;
+static int component_out = -1;
+static int component_exec_check = -1;
+static int exit_code = -1;
+static char **component_env;
+static char *component_workdir;
+static int stop_signal = SIGTERM;
+static uint32_t grace_ms = DEFAULT_GRACE_MS;
+static int shutting_down;
+static int64_t kill_deadline_ms = -1;
+/* The component's argv from START, for messages. */
+static char **start_argv;
+
+static struct exec_job jobs[MAX_EXEC_JOBS];
+
+/* --- small helpers ------------------------------------------------------------------------ */
+
+static int64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(int ms) {
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000};
+    nanosleep(&ts, NULL);
+}
+
+/* Write a diagnostic line to the console, which QEMU writes to the instance's serial.log. */
+static void say(const char *format, ...) {
+    char line[1024];
+    va_list args;
+    va_start(args, format);
+    int n = snprintf(line, sizeof line, "osvm-agent: ");
+    n += vsnprintf(line + n, sizeof line - n - 1, format, args);
+    va_end(args);
+    if (n > (int)sizeof line - 2)
+        n = sizeof line - 2;
+    line[n++] = '\n';
+    ssize_t ignored = write(STDERR_FILENO, line, n);
+    (void)ignored;
+}
+
+static void *checked_realloc(void *pointer, size_t size) {
+    void *result = realloc(pointer, size);
+    if (result == NULL) {
+        say("out of memory allocating %zu bytes", size);
+        abort();
+    }
+    return result;
+}
+
+static void buffer_reserve(struct buffer *buffer, size_t extra) {
+    if (buffer->len + extra <= buffer->cap)
+        return;
+    size_t cap = buffer->cap ? buffer->cap : 4096;
+    while (cap < buffer->len + extra)
+        cap *= 2;
+    buffer->data = checked_realloc(buffer->data, cap);
+    buffer->cap = cap;
+}
+
+static void buffer_append(struct buffer *buffer, const void *data, size_t len) {
+    buffer_reserve(buffer, len);
+    memcpy(buffer->data + buffer->len, data, len);
+    buffer->len += len;
+}
+
+static void buffer_consume(struct buffer *buffer, size_t len) {
+    memmove(buffer->data, buffer->data + len, buffer->len - len);
+    buffer->len -= len;
+}
+
+static void set_nonblocking(int fd) {
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+}
+
+static int read_file(const char *path, char *out, size_t size) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, out, size - 1);
+    close(fd);
+    if (n < 0)
+        return -1;
+    out[n] = '\0';
+    while (n > 0 && (out[n - 1] == '\n' || out[n - 1] == ' '))
+        out[--n] = '\0';
+    return (int)n;
+}
+
+/* --- frames ------------------------------------------------------------------------------- */
+
+static void put_u32(struct buffer *buffer, uint32_t value) {
+    uint32_t be = htonl(value);
+    buffer_append(buffer, &be, 4);
+}
+
+static void put_bytes(struct buffer *buffer, const void *data, size_t len) {
+    put_u32(buffer, (uint32_t)len);
+    buffer_append(buffer, data, len);
+}
+
+static void put_string(struct buffer *buffer, const char *text) {
+    put_bytes(buffer, text, strlen(text));
+}
+
+struct reader {
+    const uint8_t *p;
+    size_t left;
+    int bad;
+};
+
+static uint32_t get_u32(struct reader *reader) {
+    if (reader->left < 4) {
+        reader->bad = 1;
+        return 0;
+    }
+    uint32_t be;
+    memcpy(&be, reader->p, 4);
+    reader->p += 4;
+    reader->left -= 4;
+    return ntohl(be);
+}
+
+/* Return a NUL-terminated copy of a length-prefixed string, or NULL when the payload is short. */
+static char *get_string(struct reader *reader) {
+    uint32_t len = get_u32(reader);
+    if (reader->bad || len > reader->left) {
+        reader->bad = 1;
+        return NULL;
+    }
+    char *text = checked_realloc(NULL, len + 1);
+    memcpy(text, reader->p, len);
+    text[len] = '\0';
+    reader->p += len;
+    reader->left -= len;
+    return text;
+}
+
+static char **get_string_list(struct reader *reader) {
+    uint32_t count = get_u32(reader);
+    if (reader->bad || count > reader->left / 4) {
+        reader->bad = 1;
+        return NULL;
+    }
+    char **list = checked_realloc(NULL, (count + 1) * sizeof(char *));
+    for (uint32_t i = 0; i < count; i++) {
+        list[i] = get_string(reader);
+        if (list[i] == NULL) {
+            list[i] = NULL;
+            reader->bad = 1;
+            return list;
+        }
+    }
+    list[count] = NULL;
+    return list;
+}
+
+static void free_string_list(char **list) {
+    if (list == NULL)
+        return;
+    for (char **item = list; *item; item++)
+        free(*item);
+    free(list);
+}
+
+static void flush_channel(struct channel *channel) {
+    while (channel->connected && channel->out.len > 0) {
+        ssize_t n = write(channel->fd, channel->out.data, channel->out.len);
+        if (n > 0) {
+            buffer_consume(&channel->out, (size_t)n);
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        return; /* EAGAIN: poll waits for POLLOUT; other errors show up as POLLHUP. */
+    }
+}
+
+/* Queue one frame whose payload is in `payload`, and try to send it at once. */
+static void send_frame(struct channel *channel, uint8_t type, const struct buffer *payload) {
+    if (channel->fd < 0)
+        return;
+    size_t len = payload ? payload->len : 0;
+    if (!channel->connected && channel->out.len + len > MAX_QUEUED_BYTES)
+        return;
+    uint8_t header[HEADER_SIZE] = {FRAME_MAGIC >> 8, FRAME_MAGIC & 0xff, type, 0};
+    uint32_t be = htonl((uint32_t)len);
+    memcpy(header + 4, &be, 4);
+    buffer_append(&channel->out, header, HEADER_SIZE);
+    if (len)
+        buffer_append(&channel->out, payload->data, len);
+    flush_channel(channel);
+}
+
+static void send_hello(struct channel *channel) {
+    struct buffer payload = {0};
+    put_u32(&payload, PROTOCOL_VERSION);
+    put_u32(&payload, (uint32_t)state);
+    put_u32(&payload, (uint32_t)component_pid);
+    put_u32(&payload, (uint32_t)exit_code);
+    send_frame(channel, MSG_HELLO, &payload);
+    free(payload.data);
+}
+
+static void send_text(struct channel *channel, uint8_t type, const char *text) {
+    struct buffer payload = {0};
+    put_string(&payload, text);
+    send_frame(channel, type, &payload);
+    free(payload.data);
+}
+
+static void send_u32(struct channel *channel, uint8_t type, uint32_t value) {
+    struct buffer payload = {0};
+    put_u32(&payload, value);
+    send_frame(channel, type, &payload);
+    free(payload.data);
+}
+
+/* --- component output and the log port ---------------------------------------------------- */
+
+static void flush_log(void) {
+    while (log_pending.len > 0) {
+        ssize_t n = write(log_fd, log_pending.data, log_pending.len);
+        if (n > 0) {
+            buffer_consume(&log_pending, (size_t)n);
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        return;
+    }
+}
+
+static void write_log(const void *data, size_t len) {
+    if (log_fd < 0) {
+        ssize_t ignored = write(STDERR_FILENO, data, len);
+        (void)ignored;
+        return;
+    }
+    if (log_pending.len + len > 4 * LOG_HIGH_WATER) {
+        log_dropped += len;
+        return;
+    }
+    buffer_append(&log_pending, data, len);
+    flush_log();
+}
+
+/* Write a line both to the console and to the instance's output log. */
+static void announce(const char *format, ...) {
+    char line[512];
+    va_list args;
+    va_start(args, format);
+    int n = snprintf(line, sizeof line, "osvm-agent: ");
+    n += vsnprintf(line + n, sizeof line - n - 1, format, args);
+    va_end(args);
+    if (n > (int)sizeof line - 2)
+        n = sizeof line - 2;
+    line[n++] = '\n';
+    ssize_t ignored = write(STDERR_FILENO, line, n);
+    (void)ignored;
+    if (log_fd >= 0)
+        write_log(line, n);
+}
+
+static void drain_component_output(void) {
+    char chunk[16384];
+    while (component_out >= 0 && log_pending.len < LOG_HIGH_WATER) {
+        ssize_t n = read(component_out, chunk, sizeof chunk);
+        if (n > 0) {
+            write_log(chunk, (size_t)n);
+            continue;
+        }
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            return;
+        close(component_out);
+        component_out = -1;
+    }
+}
+
+/* --- boot steps --------------------------------------------------------------------------- */
+
+static void mount_filesystem(const char *source, const char *target, const char *type, unsigned long flags,
+                             const char *options) {
+    mkdir(target, 0755);
+    if (mount(source, target, type, flags, options) != 0 && errno != EBUSY)
+        say("mounting %s on %s failed: %s", type, target, strerror(errno));
+}
+
+static void mount_basics(void) {
+    mount_filesystem("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    mount_filesystem("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    mount_filesystem("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+    mount_filesystem("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666");
+    mount_filesystem("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+    mount_filesystem("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+}
+
+static void load_modules(void) {
+    FILE *list = fopen("/osvm/modules.list", "re");
+    if (list == NULL)
+        return;
+    char path[512];
+    while (fgets(path, sizeof path, list)) {
+        path[strcspn(path, "\n")] = '\0';
+        if (path[0] == '\0')
+            continue;
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            say("cannot open module %s: %s", path, strerror(errno));
+            continue;
+        }
+        if (syscall(SYS_finit_module, fd, "", 0) != 0 && errno != EEXIST)
+            say("loading module %s failed: %s", path, strerror(errno));
+        close(fd);
+    }
+    fclose(list);
+}
+
+static int wait_for_path(const char *path, int timeout_ms) {
+    int64_t deadline = now_ms() + timeout_ms;
+    while (access(path, F_OK) != 0) {
+        if (now_ms() >= deadline)
+            return -1;
+        sleep_ms(2);
+    }
+    return 0;
+}
+
+/* Mount the root disk named in /osvm/root and make it / (what switch_root does, minus deleting the initramfs). */
+static void switch_to_root_disk(void) {
+    char device[128];
+    if (read_file("/osvm/root", device, sizeof device) <= 0)
+        return;
+    if (wait_for_path(device, DEVICE_WAIT_MS) != 0) {
+        say("root disk %s did not appear within %d ms", device, DEVICE_WAIT_MS);
+        return;
+    }
+    mkdir("/newroot", 0755);
+    if (mount(device, "/newroot", "ext4", 0, NULL) != 0) {
+        say("mounting root disk %s failed: %s", device, strerror(errno));
+        return;
+    }
+    const char *moved[] = {"/proc", "/sys", "/dev", "/run"};
+    for (size_t i = 0; i < sizeof moved / sizeof moved[0]; i++) {
+        char target[64];
+        snprintf(target, sizeof target, "/newroot%s", moved[i]);
+        mkdir(target, 0755);
+        if (mount(moved[i], target, NULL, MS_MOVE, NULL) != 0)
+            say("moving %s to the root disk failed: %s", moved[i], strerror(errno));
+    }
+    if (chdir("/newroot") != 0 || mount(".", "/", NULL, MS_MOVE, NULL) != 0 || chroot(".") != 0 ||
+        chdir("/") != 0) {
+        say("switching to the root disk failed: %s", strerror(errno));
+        return;
+    }
+    mkdir("/tmp", 01777);
+}
+
+static void set_interface(int sock, const char *name, unsigned long request, in_addr_t address) {
+    struct ifreq ifr = {0};
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+    sin->sin_family = AF_INET;
+    sin->sin_addr.s_addr = address;
+    if (ioctl(sock, request, &ifr) != 0)
+        say("configuring %s failed: %s", name, strerror(errno));
+}
+
+static void bring_up(int sock, const char *name) {
+    struct ifreq ifr = {0};
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    if (ioctl(sock, SIOCGIFFLAGS, &ifr) != 0)
+        return;
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    if (ioctl(sock, SIOCSIFFLAGS, &ifr) != 0)
+        say("bringing up %s failed: %s", name, strerror(errno));
+}
+
+/* Give eth0 QEMU user networking's default guest address 10.0.2.15/24, via 10.0.2.2. */
+static void configure_network(void) {
+    int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (sock < 0)
+        return;
+    bring_up(sock, "lo"); /* The kernel adds 127.0.0.1/8 when lo goes up. */
+    if (access("/sys/class/net/eth0", F_OK) == 0) {
+        set_interface(sock, "eth0", SIOCSIFADDR, inet_addr("10.0.2.15"));
+        set_interface(sock, "eth0", SIOCSIFNETMASK, inet_addr("255.255.255.0"));
+        bring_up(sock, "eth0");
+        struct rtentry route = {0};
+        struct sockaddr_in *gateway = (struct sockaddr_in *)&route.rt_gateway;
+        struct sockaddr_in *destination = (struct sockaddr_in *)&route.rt_dst;
+        struct sockaddr_in *mask = (struct sockaddr_in *)&route.rt_genmask;
+        gateway->sin_family = destination->sin_family = mask->sin_family = AF_INET;
+        gateway->sin_addr.s_addr = inet_addr("10.0.2.2");
+        route.rt_flags = RTF_UP | RTF_GATEWAY;
+        if (ioctl(sock, SIOCADDRT, &route) != 0 && errno != EEXIST)
+            say("adding the default route failed: %s", strerror(errno));
+        if (access("/etc/resolv.conf", F_OK) != 0) {
+            int fd = open("/etc/resolv.conf", O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+            if (fd >= 0) {
+                const char *text = "nameserver 10.0.2.3\n";
+                ssize_t ignored = write(fd, text, strlen(text));
+                (void)ignored;
+                close(fd);
+            }
+        }
+    }
+    close(sock);
+}
+
+/* Return the /dev path of the virtio-serial port with this name, or NULL when it is not there yet. */
+static const char *find_port(const char *wanted) {
+    static char device[300];
+    DIR *dir = opendir("/sys/class/virtio-ports");
+    if (dir == NULL)
+        return NULL;
+    struct dirent *entry;
+    const char *found = NULL;
+    while ((entry = readdir(dir)) != NULL) {
+        if (entry->d_name[0] == '.')
+            continue;
+        char path[300], name[64];
+        snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", entry->d_name);
+        if (read_file(path, name, sizeof name) > 0 && strcmp(name, wanted) == 0) {
+            snprintf(device, sizeof device, "/dev/%s", entry->d_name);
+            if (access(device, F_OK) == 0)
+                found = device;
+            break;
+        }
+    }
+    closedir(dir);
+    return found;
+}
+
+static void open_ports(void) {
+    /* Ports appear after the host's control messages, a little after virtio_console loads. */
+    int64_t deadline = now_ms() + DEVICE_WAIT_MS;
+    const char *names[] = {"osvm.agent", "osvm.exec", "osvm.log"};
+    char *paths[3] = {NULL, NULL, NULL};
+    while (now_ms() < deadline) {
+        int missing = 0;
+        for (int i = 0; i < 3; i++) {
+            if (paths[i] != NULL)
+                continue;
+            const char *found = find_port(names[i]);
+            if (found)
+                paths[i] = strdup(found);
+            else
+                missing++;
+        }
+        if (!missing)
+            break;
+        sleep_ms(2);
+    }
+    const char *control_path = paths[0], *exec_path = paths[1], *log_path = paths[2];
+    if (log_path) {
+        log_fd = open(log_path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+        if (log_fd < 0)
+            say("cannot open %s: %s", log_path, strerror(errno));
+    } else {
+        say("port osvm.log not found: component output goes to the console");
+    }
+    struct channel *channels[] = {&control, &exec_channel};
+    const char *channel_paths[] = {control_path, exec_path};
+    for (int i = 0; i < 2; i++) {
+        if (channel_paths[i] == NULL) {
+            say("port %s not found", channels[i]->name);
+            continue;
+        }
+        int fd = open(channel_paths[i], O_RDWR | O_NONBLOCK | O_CLOEXEC);
+        if (fd < 0) {
+            say("cannot open %s: %s", channel_paths[i], strerror(errno));
+            continue;
+        }
+        /* virtio_console sends SIGIO when the host side connects. */
+        fcntl(fd, F_SETOWN, getpid());
+        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_ASYNC);
+        channels[i]->fd = fd;
+    }
+}
+
+static int supports_power_key(int fd) {
+    unsigned long bits[KEY_MAX / (8 * sizeof(unsigned long)) + 1] = {0};
+    if (ioctl(fd, EVIOCGBIT(EV_KEY, sizeof bits), bits) < 0)
+        return 0;
+    return (bits[KEY_POWER / (8 * sizeof(unsigned long))] >> (KEY_POWER % (8 * sizeof(unsigned long)))) & 1;
+}
+
+static void open_power_button(void) {
+    DIR *dir = opendir("/dev/input");
+    if (dir == NULL)
+        return;
+    struct dirent *entry;
+    while ((entry = readdir(dir)) != NULL && input_count < MAX_INPUTS) {
+        if (strncmp(entry->d_name, "event", 5) != 0)
+            continue;
+        char path[300];
+        snprintf(path, sizeof path, "/dev/input/%s", entry->d_name);
+        int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        if (supports_power_key(fd))
+            input_fds[input_count++] = fd;
+        else
+            close(fd);
+    }
+    closedir(dir);
+    if (input_count == 0)
+        say("no power button input device: ACPI shutdown requests are not seen");
+}
+
+/* --- processes ---------------------------------------------------------------------------- */
+
+static sigset_t handled_signals;
+
+static void exec_in_child(char **argv, int output_fd, const char *workdir) {
+    sigprocmask(SIG_UNBLOCK, &handled_signals, NULL);
+    setsid();
+    int null_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    dup2(null_fd, STDIN_FILENO);
+    dup2(output_fd, STDOUT_FILENO);
+    dup2(output_fd, STDERR_FILENO);
+    if (workdir && chdir(workdir) != 0)
+        dprintf(output_fd, "osvm-agent: cannot change to %s: %s\n", workdir, strerror(errno));
+    static char *default_env[] = {"PATH=" DEFAULT_PATH, NULL};
+    environ = component_env ? component_env : default_env;
+    execvp(argv[0], argv);
+}
+
+static const char *effective_workdir(void) {
+    if (component_workdir && component_workdir[0])
+        return component_workdir;
+    return access("/app", F_OK) == 0 ? "/app" : "/";
+}
+
+static void start_component(char **argv) {
+    int output[2], check[2];
+    if (pipe2(output, O_CLOEXEC) != 0 || pipe2(check, O_CLOEXEC) != 0) {
+        send_text(&control, MSG_START_FAILED, strerror(errno));
+        return;
+    }
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(output[0]);
+        close(check[0]);
+        exec_in_child(argv, output[1], effective_workdir());
+        int error = errno;
+        ssize_t ignored = write(check[1], &error, sizeof error);
+        (void)ignored;
+        _exit(127);
+    }
+    close(output[1]);
+    close(check[1]);
+    if (pid < 0) {
+        close(output[0]);
+        close(check[0]);
+        send_text(&control, MSG_START_FAILED, strerror(errno));
+        return;
+    }
+    component_pid = pid;
+    component_out = output[0];
+    set_nonblocking(component_out);
+    /* The check pipe is close-on-exec: EOF means execvp succeeded, an errno means it failed. */
+    component_exec_check = check[0];
+    state = STATE_RUNNING;
+}
+
+static void on_exec_check(char **argv_for_message) {
+    int error = 0;
+    ssize_t n = read(component_exec_check, &error, sizeof error);
+    close(component_exec_check);
+    component_exec_check = -1;
+    if (n == (ssize_t)sizeof error) {
+        char message[512];
+        snprintf(message, sizeof message, "cannot run %s: %s", argv_for_message ? argv_for_message[0] : "?",
+                 strerror(error));
+        announce("%s", message);
+        send_text(&control, MSG_START_FAILED, message);
+        return;
+    }
+    announce("started the component as pid %d", component_pid);
+    send_u32(&control, MSG_READY, (uint32_t)component_pid);
+}
+
+static struct exec_job *find_job(pid_t pid) {
+    for (int i = 0; i < MAX_EXEC_JOBS; i++)
+        if (jobs[i].used && jobs[i].pid == pid)
+            return &jobs[i];
+    return NULL;
+}
+
+static void keep_tail(struct exec_job *job, const char *data, size_t len) {
+    if (len >= EXEC_TAIL_BYTES) {
+        memcpy(job->tail, data + len - EXEC_TAIL_BYTES, EXEC_TAIL_BYTES);
+        job->tail_len = EXEC_TAIL_BYTES;
+        return;
+    }
+    if (job->tail_len + len > EXEC_TAIL_BYTES) {
+        size_t drop = job->tail_len + len - EXEC_TAIL_BYTES;
+        memmove(job->tail, job->tail + drop, job->tail_len - drop);
+        job->tail_len -= drop;
+    }
+    memcpy(job->tail + job->tail_len, data, len);
+    job->tail_len += len;
+}
+
+static void read_job_output(struct exec_job *job) {
+    char chunk[4096];
+    while (job->out_fd >= 0) {
+        ssize_t n = read(job->out_fd, chunk, sizeof chunk);
+        if (n > 0) {
+            keep_tail(job, chunk, (size_t)n);
+            continue;
+        }
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            return;
+        close(job->out_fd);
+        job->out_fd = -1;
+    }
+}
+
+static void finish_job(struct exec_job *job, int code) {
+    read_job_output(job);
+    if (job->out_fd >= 0)
+        close(job->out_fd);
+    /* Background children of the command would keep running: end its whole session. */
+    kill(-job->pid, SIGKILL);
+    struct buffer payload = {0};
+    put_u32(&payload, job->id);
+    put_u32(&payload, (uint32_t)code);
+    put_bytes(&payload, job->tail, job->tail_len);
+    send_frame(job->channel, MSG_EXEC_RESULT, &payload);
+    free(payload.data);
+    memset(job, 0, sizeof *job);
+    job->out_fd = -1;
+}
+
+static void start_exec(struct channel *channel, uint32_t id, uint32_t timeout_ms, char **argv) {
+    struct exec_job *job = NULL;
+    for (int i = 0; i < MAX_EXEC_JOBS && job == NULL; i++)
+        if (!jobs[i].used)
+            job = &jobs[i];
+    if (job == NULL || argv == NULL || argv[0] == NULL) {
+        struct buffer payload = {0};
+        const char *reason = job == NULL ? "osvm-agent: too many exec requests at once\n" : "osvm-agent: empty command\n";
+        put_u32(&payload, id);
+        put_u32(&payload, 125);
+        put_string(&payload, reason);
+        send_frame(channel, MSG_EXEC_RESULT, &payload);
+        free(payload.data);
+        return;
+    }
+    int output[2];
+    if (pipe2(output, O_CLOEXEC) != 0)
+        return;
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(output[0]);
+        exec_in_child(argv, output[1], effective_workdir());
+        dprintf(output[1], "osvm-agent: cannot run %s: %s\n", argv[0], strerror(errno));
+        _exit(errno == ENOENT ? 127 : 126);
+    }
+    close(output[1]);
+    if (pid < 0) {
+        close(output[0]);
+        return;
+    }
+    set_nonblocking(output[0]);
+    job->used = 1;
+    job->id = id;
+    job->pid = pid;
+    job->out_fd = output[0];
+    job->channel = channel;
+    job->tail_len = 0;
+    job->deadline_ms = timeout_ms ? now_ms() + timeout_ms : -1;
+}
+
+static void cancel_jobs_of(struct channel *channel) {
+    for (int i = 0; i < MAX_EXEC_JOBS; i++)
+        if (jobs[i].used && jobs[i].channel == channel)
+            kill(-jobs[i].pid, SIGKILL);
+}
+
+static int status_code(int status) {
+    if (WIFEXITED(status))
+        return WEXITSTATUS(status);
+    if (WIFSIGNALED(status))
+        return 128 + WTERMSIG(status);
+    return -1;
+}
+
+/* --- shutdown ----------------------------------------------------------------------------- */
+
+static void flush_before_poweroff(void) {
+    int64_t deadline = now_ms() + FLUSH_BEFORE_POWEROFF_MS;
+    struct channel *channels[] = {&control, &exec_channel};
+    for (;;) {
+        int pending = 0;
+        struct pollfd fds[3];
+        int count = 0;
+        for (int i = 0; i < 2; i++) {
+            flush_channel(channels[i]);
+            if (channels[i]->connected && channels[i]->out.len) {
+                fds[count++] = (struct pollfd){.fd = channels[i]->fd, .events = POLLOUT};
+                pending = 1;
+            }
+        }
+        if (log_fd >= 0 && log_pending.len) {
+            flush_log();
+            if (log_pending.len) {
+                fds[count++] = (struct pollfd){.fd = log_fd, .events = POLLOUT};
+                pending = 1;
+            }
+        }
+        int64_t left = deadline - now_ms();
+        if (!pending || left <= 0)
+            break;
+        poll(fds, count, (int)left);
+    }
+    tcdrain(STDERR_FILENO);
+}
+
+static void power_off(void) {
+    kill(-1, SIGKILL);
+    flush_before_poweroff();
+    sync();
+    reboot(RB_POWER_OFF);
+    /* reboot() returns only on failure; PID 1 must not exit, so wait to be killed. */
+    say("power off failed: %s", strerror(errno));
+    for (;;)
+        pause();
+}
+
+static void request_shutdown(const char *reason) {
+    if (shutting_down)
+        return;
+    shutting_down = 1;
+    if (state != STATE_RUNNING) {
+        announce("shutting down (%s)", reason);
+        power_off();
+    }
+    announce("shutting down (%s): sending signal %d to pid %d, SIGKILL after %u ms", reason, stop_signal,
+             component_pid, grace_ms);
+    state = STATE_STOPPING;
+    kill(component_pid, stop_signal);
+    kill_deadline_ms = now_ms() + grace_ms;
+}
+
+static void on_component_exit(int status) {
+    drain_component_output();
+    exit_code = status_code(status);
+    state = STATE_EXITED;
+    if (WIFSIGNALED(status))
+        announce("component exited with status %d (killed by signal %d)", exit_code, WTERMSIG(status));
+    else
+        announce("component exited with status %d", exit_code);
+    send_u32(&control, MSG_EXITED, (uint32_t)exit_code);
+    power_off();
+}
+
+static void reap_children(void) {
+    for (;;) {
+        int status;
+        pid_t pid = waitpid(-1, &status, WNOHANG);
+        if (pid <= 0)
+            return;
+        if (pid == component_pid && (state == STATE_RUNNING || state == STATE_STOPPING)) {
+            if (component_exec_check >= 0)
+                on_exec_check(start_argv);
+            on_component_exit(status);
+            continue;
+        }
+        struct exec_job *job = find_job(pid);
+        if (job)
+            finish_job(job, status_code(status));
+    }
+}
+
+/* --- messages ----------------------------------------------------------------------------- */
+
+static char **start_argv;
+
+static void handle_start(struct reader *reader) {
+    char *hostname = get_string(reader);
+    char **argv = get_string_list(reader);
+    char **env = get_string_list(reader);
+    char *workdir = get_string(reader);
+    uint32_t signal_number = get_u32(reader);
+    uint32_t grace = get_u32(reader);
+    if (reader->bad || argv == NULL || argv[0] == NULL) {
+        send_text(&control, MSG_ERROR, "invalid START message");
+        free(hostname);
+        free(workdir);
+        free_string_list(argv);
+        free_string_list(env);
+        return;
+    }
+    if (state != STATE_WAITING) {
+        send_hello(&control);
+        free(hostname);
+        free(workdir);
+        free_string_list(argv);
+        free_string_list(env);
+        return;
+    }
+    if (hostname[0])
+        sethostname(hostname, strlen(hostname));
+    free(hostname);
+    component_env = env;
+    component_workdir = workdir;
+    stop_signal = signal_number > 0 && signal_number < 65 ? (int)signal_number : SIGTERM;
+    grace_ms = grace;
+    mkdir("/data", 0755);
+    start_argv = argv;
+    start_component(argv);
+}
+
+static void handle_frame(struct channel *channel, uint8_t type, const uint8_t *payload, size_t len) {
+    struct reader reader = {payload, len, 0};
+    switch (type) {
+    case MSG_START:
+        handle_start(&reader);
+        break;
+    case MSG_EXEC: {
+        uint32_t id = get_u32(&reader);
+        uint32_t timeout_ms = get_u32(&reader);
+        char **argv = get_string_list(&reader);
+        if (reader.bad)
+            send_text(channel, MSG_ERROR, "invalid EXEC message");
+        else
+            start_exec(channel, id, timeout_ms, argv);
+        free_string_list(argv);
+        break;
+    }
+    case MSG_SHUTDOWN:
+        request_shutdown("shutdown requested by the host");
+        break;
+    case MSG_ECHO: {
+        struct buffer reply = {0};
+        buffer_append(&reply, payload, len);
+        send_frame(channel, MSG_ECHO_REPLY, &reply);
+        free(reply.data);
+        break;
+    }
+    default:
+        send_text(channel, MSG_ERROR, "unknown message type");
+    }
+}
+
+static void parse_frames(struct channel *channel) {
+    struct buffer *in = &channel->in;
+    while (in->len >= HEADER_SIZE) {
+        if (in->data[0] != (FRAME_MAGIC >> 8) || in->data[1] != (FRAME_MAGIC & 0xff)) {
+            /* Bytes left from an earlier connection: skip to the next frame start. */
+            size_t skip = 1;
+            while (skip + 1 < in->len &&
+                   !(in->data[skip] == (FRAME_MAGIC >> 8) && in->data[skip + 1] == (FRAME_MAGIC & 0xff)))
+                skip++;
+            buffer_consume(in, skip);
+            continue;
+        }
+        uint32_t len;
+        memcpy(&len, in->data + 4, 4);
+        len = ntohl(len);
+        if (len > MAX_PAYLOAD) {
+            send_text(channel, MSG_ERROR, "frame too large");
+            buffer_consume(in, 2);
+            continue;
+        }
+        if (in->len < HEADER_SIZE + len)
+            return;
+        handle_frame(channel, in->data[2], in->data + HEADER_SIZE, len);
+        buffer_consume(in, HEADER_SIZE + len);
+    }
+}
+
+static void on_connected(struct channel *channel) {
+    channel->connected = 1;
+    channel->in.len = 0;
+    channel->out.len = 0;
+    send_hello(channel);
+}
+
+static void on_disconnected(struct channel *channel) {
+    channel->connected = 0;
+    channel->in.len = 0;
+    channel->out.len = 0;
+    cancel_jobs_of(channel);
+}
+
+/* Check whether the host side of a disconnected port has connected, without blocking. */
+static void check_connection(struct channel *channel) {
+    if (channel->fd < 0 || channel->connected)
+        return;
+    struct pollfd pfd = {.fd = channel->fd, .events = POLLOUT};
+    if (poll(&pfd, 1, 0) == 1 && !(pfd.revents & POLLHUP) && (pfd.revents & POLLOUT))
+        on_connected(channel);
+}
+
+static void read_channel(struct channel *channel) {
+    uint8_t chunk[16384];
+    for (;;) {
+        ssize_t n = read(channel->fd, chunk, sizeof chunk);
+        if (n > 0) {
+            buffer_append(&channel->in, chunk, (size_t)n);
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n == 0)
+            on_disconnected(channel);
+        break;
+    }
+    parse_frames(channel);
+}
+
+static void read_power_button(int fd) {
+    struct input_event event;
+    while (read(fd, &event, sizeof event) == (ssize_t)sizeof event)
+        if (event.type == EV_KEY && event.code == KEY_POWER && event.value == 1)
+            request_shutdown("ACPI power button");
+}
+
+static void read_signals(void) {
+    struct signalfd_siginfo info;
+    while (read(signal_fd, &info, sizeof info) == (ssize_t)sizeof info) {
+        switch (info.ssi_signo) {
+        case SIGCHLD:
+            reap_children();
+            break;
+        case SIGIO:
+            check_connection(&control);
+            check_connection(&exec_channel);
+            break;
+        case SIGTERM:
+        case SIGPWR:
+        case SIGINT:
+            request_shutdown("signal to PID 1");
+            break;
+        default:
+            break;
+        }
+    }
+}
+
+/* --- main loop ---------------------------------------------------------------------------- */
+
+static void run(void) {
+    struct channel *channels[] = {&control, &exec_channel};
+    for (;;) {
+        struct pollfd fds[8 + MAX_INPUTS + MAX_EXEC_JOBS];
+        int count = 0;
+        fds[count++] = (struct pollfd){.fd = signal_fd, .events = POLLIN};
+        int channel_index[2];
+        for (int i = 0; i < 2; i++) {
+            channel_index[i] = -1;
+            if (channels[i]->fd < 0 || !channels[i]->connected)
+                continue;
+            short events = POLLIN | (channels[i]->out.len ? POLLOUT : 0);
+            channel_index[i] = count;
+            fds[count++] = (struct pollfd){.fd = channels[i]->fd, .events = events};
+        }
+        int log_index = -1;
+        if (log_fd >= 0 && log_pending.len) {
+            log_index = count;
+            fds[count++] = (struct pollfd){.fd = log_fd, .events = POLLOUT};
+        }
+        int output_index = -1;
+        if (component_out >= 0 && log_pending.len < LOG_HIGH_WATER) {
+            output_index = count;
+            fds[count++] = (struct pollfd){.fd = component_out, .events = POLLIN};
+        }
+        int check_index = -1;
+        if (component_exec_check >= 0) {
+            check_index = count;
+            fds[count++] = (struct pollfd){.fd = component_exec_check, .events = POLLIN};
+        }
+        int input_index = count;
+        for (int i = 0; i < input_count; i++)
+            fds[count++] = (struct pollfd){.fd = input_fds[i], .events = POLLIN};
+        int job_index = count;
+        int job_slot[MAX_EXEC_JOBS];
+        int job_count = 0;
+        for (int i = 0; i < MAX_EXEC_JOBS; i++) {
+            if (jobs[i].used && jobs[i].out_fd >= 0) {
+                job_slot[job_count++] = i;
+                fds[count++] = (struct pollfd){.fd = jobs[i].out_fd, .events = POLLIN};
+            }
+        }
+
+        int64_t now = now_ms();
+        int64_t wake = now + RECONNECT_CHECK_MS;
+        if (kill_deadline_ms >= 0 && kill_deadline_ms < wake)
+            wake = kill_deadline_ms;
+        for (int i = 0; i < MAX_EXEC_JOBS; i++)
+            if (jobs[i].used && jobs[i].deadline_ms >= 0 && jobs[i].deadline_ms < wake)
+                wake = jobs[i].deadline_ms;
+        int timeout = wake > now ? (int)(wake - now) : 0;
+
+        int ready = poll(fds, count, timeout);
+        if (ready < 0 && errno != EINTR) {
+            say("poll failed: %s", strerror(errno));
+            sleep_ms(100);
+            continue;
+        }
+
+        if (fds[0].revents)
+            read_signals();
+        for (int i = 0; i < 2; i++) {
+            int index = channel_index[i];
+            if (index < 0 || !channels[i]->connected)
+                continue;
+            if (fds[index].revents & (POLLIN | POLLHUP | POLLERR)) {
+                if (fds[index].revents & POLLHUP && !(fds[index].revents & POLLIN))
+                    on_disconnected(channels[i]);
+                else
+                    read_channel(channels[i]);
+            }
+            if (channels[i]->connected && (fds[index].revents & POLLOUT))
+                flush_channel(channels[i]);
+        }
+        if (log_index >= 0 && fds[log_index].revents)
+            flush_log();
+        if (output_index >= 0 && fds[output_index].revents)
+            drain_component_output();
+        if (check_index >= 0 && fds[check_index].revents && component_exec_check >= 0)
+            on_exec_check(start_argv);
+        for (int i = 0; i < input_count; i++)
+            if (fds[input_index + i].revents & POLLIN)
+                read_power_button(input_fds[i]);
+        for (int i = 0; i < job_count; i++)
+            if (fds[job_index + i].revents)
+                read_job_output(&jobs[job_slot[i]]);
+
+        now = now_ms();
+        if (kill_deadline_ms >= 0 && now >= kill_deadline_ms) {
+            announce("the component did not exit within %u ms of signal %d: sending SIGKILL", grace_ms, stop_signal);
+            kill(-component_pid, SIGKILL);
+            kill(component_pid, SIGKILL);
+            kill_deadline_ms = -1;
+        }
+        for (int i = 0; i < MAX_EXEC_JOBS; i++) {
+            if (jobs[i].used && jobs[i].deadline_ms >= 0 && now >= jobs[i].deadline_ms) {
+                kill(-jobs[i].pid, SIGKILL);
+                jobs[i].deadline_ms = -1;
+            }
+        }
+        for (int i = 0; i < 2; i++)
+            check_connection(channels[i]);
+    }
+}
+
+int main(void) {
+    setenv("PATH", DEFAULT_PATH, 1);
+    umask(022);
+    mount_basics();
+    load_modules();
+    switch_to_root_disk();
+    configure_network();
+
+    sigemptyset(&handled_signals);
+    int signals[] = {SIGCHLD, SIGIO, SIGTERM, SIGINT, SIGPWR, SIGHUP, SIGUSR1, SIGUSR2};
+    for (size_t i = 0; i < sizeof signals / sizeof signals[0]; i++)
+        sigaddset(&handled_signals, signals[i]);
+    sigprocmask(SIG_BLOCK, &handled_signals, NULL);
+    signal_fd = signalfd(-1, &handled_signals, SFD_NONBLOCK | SFD_CLOEXEC);
+    /* Ctrl-Alt-Del becomes SIGINT to PID 1 instead of an immediate reboot. */
+    reboot(RB_DISABLE_CAD);
+
+    open_ports();
+    open_power_button();
+    for (int i = 0; i < MAX_EXEC_JOBS; i++)
+        jobs[i].out_fd = -1;
+    say("ready for the host");
+    check_connection(&control);
+    check_connection(&exec_channel);
+    run();
+    return 0;
+}

@@ -1,0 +1,116 @@
+"""Run a command inside a microVM through its guest agent, for exec probes and for people.
+
+    python -m osvm.runtimes.microvm.guest_exec --socket INSTANCE_DIR/exec.sock -- pg_isready -q
+
+The command's output (its last 4 KiB, stdout and stderr together) is written to stdout and its
+exit status becomes this program's exit status. When the agent cannot be reached the exit status
+is 125 and stderr says why. QEMU serves the socket to one client at a time, so concurrent calls
+run one after another.
+"""
+
+import argparse
+import os
+import secrets
+import socket
+import sys
+import time
+
+from osvm.runtimes.microvm.protocol import (
+    FrameParser,
+    MessageType,
+    ProtocolError,
+    decode_exec_result,
+    encode_exec,
+    encode_frame,
+)
+
+# Exit status when the command could not be run at all, as with `docker exec`.
+UNREACHABLE_STATUS = 125
+DEFAULT_TIMEOUT = 60.0
+
+
+class GuestExecError(Exception):
+    """The agent could not be reached or answered with something unexpected."""
+
+
+def run_in_guest(socket_path: str, argv: list[str], timeout: float = DEFAULT_TIMEOUT) -> tuple[int, bytes]:
+    """Run argv in the guest and return (exit code, output tail).
+
+    Raises GuestExecError when the socket cannot be reached or no result arrives within timeout seconds.
+    """
+    request_id = secrets.randbits(31)
+    deadline = time.monotonic() + timeout
+    with _connect(socket_path, timeout) as connection:
+        connection.sendall(encode_exec(request_id, argv, int(timeout * 1000)))
+        parser = FrameParser()
+        while True:
+            for frame in _receive(connection, parser, deadline):
+                if frame.type == MessageType.EXEC_RESULT:
+                    result = decode_exec_result(frame.payload)
+                    if result.request_id == request_id:
+                        return result.code, result.output
+                elif frame.type == MessageType.ERROR:
+                    raise GuestExecError(f"the guest agent rejected the request: {frame.payload[4:].decode(errors='replace')}")
+
+
+def echo(socket_path: str, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send data to the agent and return its echo; used to measure the channel's round trip."""
+    deadline = time.monotonic() + timeout
+    with _connect(socket_path, timeout) as connection:
+        connection.sendall(encode_frame(MessageType.ECHO, data))
+        parser = FrameParser()
+        while True:
+            for frame in _receive(connection, parser, deadline):
+                if frame.type == MessageType.ECHO_REPLY:
+                    return frame.payload
+
+
+def _connect(socket_path: str, timeout: float) -> socket.socket:
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connection.settimeout(timeout)
+    try:
+        connection.connect(socket_path)
+    except OSError as error:
+        connection.close()
+        raise GuestExecError(f"cannot connect to the guest agent at {socket_path}: {error.strerror or error}") from None
+    return connection
+
+
+def _receive(connection: socket.socket, parser: FrameParser, deadline: float) -> list:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise GuestExecError("timed out waiting for the guest agent")
+    connection.settimeout(remaining)
+    try:
+        data = connection.recv(65536)
+    except TimeoutError:
+        raise GuestExecError("timed out waiting for the guest agent") from None
+    if not data:
+        raise GuestExecError("the guest agent connection closed before the result arrived (is the VM running?)")
+    return parser.feed(data)
+
+
+def main(arguments: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m osvm.runtimes.microvm.guest_exec", description="Run a command inside a microVM."
+    )
+    parser.add_argument("--socket", required=True, help="the instance's exec.sock")
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, help=f"seconds before the command is killed (default {DEFAULT_TIMEOUT:g})"
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the program and its arguments, after --")
+    options = parser.parse_args(arguments)
+    command = options.command[1:] if options.command[:1] == ["--"] else options.command
+    if not command:
+        parser.error("no command given: write it after --")
+    try:
+        code, output = run_in_guest(options.socket, command, options.timeout)
+    except (GuestExecError, ProtocolError) as error:
+        print(f"guest_exec: {error}", file=sys.stderr)
+        return UNREACHABLE_STATUS
+    os.write(sys.stdout.fileno(), output)
+    return code if 0 <= code <= 255 else UNREACHABLE_STATUS
+
+
+if __name__ == "__main__":
+    sys.exit(main())
