@@ -154,7 +154,7 @@ class FirecrackerRuntime:
                 f"vm.vcpus = {settings.vcpus} is more than Firecracker supports: use at most {MAX_VCPUS}, "
                 f"or vmm = \"qemu\""
             )
-        vsock_path = str(plan.instance_dir / VSOCK_SOCKET_NAME)
+        vsock_path = str(self.vsock_path(plan))
         if len(vsock_path) + MAX_VSOCK_PORT_SUFFIX > MAX_UNIX_PATH:
             raise FirecrackerRuntimeError(
                 f"the vsock socket path {vsock_path} is too long for a Unix socket with a port suffix "
