@@ -191,6 +191,7 @@ class Reconciler:
             _check_open_files(name, spec.resources.open_files)
             known = (set(_PASSED_ENV) & set(self.environ)) | set(spec.env) | {
                 "OSVM_COMPONENT", "OSVM_INSTANCE", "OSVM_REVISION", "OSVM_ADDRESS", "OSVM_DATA_DIR", "PATH", "HOME",
+                "OSVM_GATEWAY", "OSVM_TLS_CERT", "OSVM_TLS_KEY", "OSVM_TLS_CA",
             }
             known |= {f"OSVM_PORT_{port.upper()}" for port in spec.ports}
             for argument in spec.argv():
@@ -544,7 +545,6 @@ class Reconciler:
         instance_dir = self.state_dir / "instances" / record.id
         data_dir = self.state_dir / "data" / record.id
         env = self._instance_env(record, spec, data_dir)
-        argv = [_substitute(argument, env, record.component) for argument in spec.argv()]
         addressing = None
         firewall = None
         if record.netns is not None:
@@ -552,6 +552,8 @@ class Reconciler:
             addressing = addressing_for(index, self.subnet_pool) if index is not None else None
             if addressing is not None:
                 firewall = self.firewall_rules(record.component, spec, addressing, list(record.ports.values()))
+                env["OSVM_GATEWAY"] = addressing.host_address
+        argv = [_substitute(argument, env, record.component) for argument in spec.argv()]
         return LaunchPlan(
             instance_id=record.id,
             component=record.component,
