@@ -108,7 +108,7 @@ class BackendState:
         return None
 
     def close_idle(self, older_than: float | None = None) -> int:
-        """Close pooled connections, all of them or those idle since before `older_than`; return how many."""
+        """Close all pooled connections, or those idle since before `older_than`, and return how many were closed."""
         if older_than is None:
             expired, self.idle = self.idle, []
         else:
@@ -121,7 +121,7 @@ class BackendState:
         return len(expired)
 
     def close_active(self) -> int:
-        """Close every in-flight exchange and long-lived connection; return how many."""
+        """Close every in-flight exchange and long-lived connection, and return how many were closed."""
         active = list(self.exchanges) + list(self.long_lived)
         for item in active:
             item.close_for_drain()

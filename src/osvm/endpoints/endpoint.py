@@ -26,7 +26,7 @@ WARNING_INTERVAL = 10.0
 
 
 class WarningLimiter:
-    """Log a warning at most once per interval for each key, with the count of warnings left out."""
+    """Rate limiter for warnings: at most one per interval for each key, with the count of suppressed ones."""
 
     def __init__(self, logger: logging.Logger, interval: float = WARNING_INTERVAL) -> None:
         self._logger = logger
@@ -113,15 +113,16 @@ class Endpoint:
         server, self._server = self._server, None
         server.close()
 
+        # In-flight requests end first, with a 502 where no response byte was sent yet, so the
+        # client connections are idle when they close.
+        for state in self._states.values():
+            state.close_idle()
+            state.close_active()
         workers = []
         for client in list(self.clients):
             task = client.close_for_stop()
             if task is not None:
                 workers.append(task)
-        for state in self._states.values():
-            state.close_idle()
-            for tunnel in list(state.long_lived):
-                tunnel.close_for_drain()
         if self._sweeper is not None:
             self._sweeper.cancel()
             workers.append(self._sweeper)
@@ -167,7 +168,7 @@ class Endpoint:
 
         if unique != previous:
             self.logger.info(
-                "endpoint %s: backends changed from [%s] to [%s]; closed %d idle upstream connections",
+                "endpoint %s: backends changed from [%s] to [%s], closed %d idle upstream connections",
                 self.component,
                 ", ".join(f"{b.instance_id} {b.address}" for b in previous),
                 ", ".join(f"{b.instance_id} {b.address}" for b in unique),
@@ -195,7 +196,8 @@ class Endpoint:
                     return state
             return None
 
-        # Fewest in-flight requests plus long-lived connections. The rotating start spreads ties.
+        # The backend with the minimum load (in-flight requests plus long-lived connections)
+        # wins. The rotating start spreads ties.
         best = None
         best_load = 0
         for offset in range(count):
@@ -208,7 +210,7 @@ class Endpoint:
                 best_load = load
         return best
 
-    async def wait_for_backend(self, excluded: set[BackendState], deadline: float) -> BackendState | None:
+    async def wait_for_backend(self, excluded: AbstractSet[BackendState], deadline: float) -> BackendState | None:
         """Wait until set_backends() provides a backend that is not excluded, up to deadline (loop time)."""
         self._queued += 1
         try:
@@ -236,7 +238,7 @@ class Endpoint:
         """Open an HTTP connection to the backend. Raises OSError, or TimeoutError after connect_timeout."""
         backend = state.backend
         async with asyncio.timeout(self.connect_timeout):
-            _, upstream = await self.loop.create_connection(  # type: ignore[union-attr]
+            _, upstream = await self.loop.create_connection(
                 lambda: UpstreamConnection(state), backend.host, backend.port
             )
         return upstream
@@ -245,10 +247,10 @@ class Endpoint:
         """Open the upstream connection of a TCP-mode tunnel. Raises like connect_http()."""
         backend = tunnel.state.backend
         async with asyncio.timeout(self.connect_timeout):
-            await self.loop.create_connection(lambda: tunnel.upstream, backend.host, backend.port)  # type: ignore[union-attr]
+            await self.loop.create_connection(lambda: tunnel.upstream, backend.host, backend.port)
 
     def take_idle(self, state: BackendState) -> UpstreamConnection | None:
-        return state.take_idle(self.loop.time(), POOL_MAX_IDLE_TIME)  # type: ignore[union-attr,return-value]
+        return state.take_idle(self.loop.time(), POOL_MAX_IDLE_TIME)
 
     def release_upstream(self, upstream: UpstreamConnection, reusable: bool) -> None:
         """Return a connection whose exchange finished to the pool, or close it."""
@@ -259,10 +261,10 @@ class Endpoint:
             and state.current
             and not self.stopping
             and not upstream.lost
-            and not upstream.transport.is_closing()  # type: ignore[union-attr]
+            and not upstream.transport.is_closing()
             and len(state.idle) < POOL_MAX_IDLE
         ):
-            upstream.idle_since = self.loop.time()  # type: ignore[union-attr]
+            upstream.idle_since = self.loop.time()
             state.idle.append(upstream)
         else:
             upstream.close()
@@ -270,7 +272,7 @@ class Endpoint:
     async def _close_expired_idle(self) -> None:
         while True:
             await asyncio.sleep(POOL_MAX_IDLE_TIME / 2)
-            cutoff = self.loop.time() - POOL_MAX_IDLE_TIME  # type: ignore[union-attr]
+            cutoff = self.loop.time() - POOL_MAX_IDLE_TIME
             for state in self._states.values():
                 if state.idle:
                     state.close_idle(older_than=cutoff)
@@ -354,15 +356,19 @@ class Endpoint:
         return requests, errors
 
     def describe(self) -> dict:
-        """Status for `osvm status --json`: the current backends and those with connections still open."""
-        shown = list(self._current)
-        shown += [state for state in self._states.values() if not state.current and state.load]
+        """Status for `osvm status --json`.
+
+        "backends" lists the current set, which new requests go to. "draining" lists former
+        backends that still have in-flight requests or long-lived connections.
+        """
+        draining = [state for state in self._states.values() if not state.current and state.load]
         return {
             "component": self.component,
             "listen": self.listen_address,
             "mode": self.spec.mode,
             "balance": self.spec.balance,
-            "backends": [state.describe() for state in shown],
+            "backends": [state.describe() for state in self._current],
+            "draining": [state.describe() for state in draining],
             "queued": self._queued,
             "client_connections": len(self.clients),
             "unavailable": self._unavailable,

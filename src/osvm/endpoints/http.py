@@ -87,7 +87,7 @@ class HttpRequest:
         self.is_head = False
         self.websocket = False
         self.expect_continue = False
-        # (status, message) for a request that the proxy answers itself instead of forwarding.
+        # (status, message) for a request that the proxy responds to itself instead of forwarding.
         self.rejection: tuple[int, str] | None = None
 
     def encode(self, backend: Backend) -> bytes:
@@ -121,7 +121,11 @@ def encode_error(request: HttpRequest, status: int, message: str, keep_alive: bo
 
 
 class HttpClientProtocol(asyncio.Protocol):
-    """A client connection in HTTP mode."""
+    """A client connection in HTTP mode.
+
+    NOTE: there is no idle timeout for client connections and no timeout for a response,
+    because JSON-RPC calls may run long. Only the client, drain() or stop() ends them.
+    """
 
     __slots__ = (
         "endpoint", "transport", "parser", "client_ip", "queue", "request", "last_request", "continuation",
@@ -135,6 +139,7 @@ class HttpClientProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = b""
+
         self.queue: deque[HttpRequest] = deque()
         # The request being parsed, and the one parsed last.
         self.request: HttpRequest | None = None
@@ -146,6 +151,7 @@ class HttpClientProtocol(asyncio.Protocol):
         # Bytes received after a WebSocket upgrade request, kept until the backend responds.
         self.hold: bytearray | None = None
         self.reading_paused = False
+
         # The task that waits for a backend or connects for the current request, if any.
         self.task: asyncio.Task[None] | None = None
         # Whether a request is in progress: `current`, on backend `state` once one is chosen.
@@ -158,6 +164,7 @@ class HttpClientProtocol(asyncio.Protocol):
         self.retried = False
         # A request with "Expect: 100-continue" that waits for earlier responses before the 100.
         self.pending_continue: HttpRequest | None = None
+
         self.closed = False
         # Whether the proxy closed the connection, which may still be flushing its last response.
         self.closing = False
@@ -173,7 +180,7 @@ class HttpClientProtocol(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport
         set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
@@ -230,15 +237,15 @@ class HttpClientProtocol(asyncio.Protocol):
             upstream.abort("the instance was drained before the response was complete")
 
     def close_for_stop(self) -> "asyncio.Task[None] | None":
-        """Cancel the request's task and close the connection; return the task for the caller to await."""
+        """Cancel the request's task, close the connection and return the task for the caller to await."""
         task = self.task
         if task is not None and not task.done():
             task.cancel()
         if self.busy:
             # A response in progress cannot be completed, so its buffered bytes are discarded.
-            self.transport.abort()  # type: ignore[union-attr]
+            self.transport.abort()
         else:
-            self.transport.close()  # type: ignore[union-attr]
+            self.transport.close()
         return task
 
     # --- parsing ----------------------------------------------------------------------------
@@ -252,7 +259,7 @@ class HttpClientProtocol(asyncio.Protocol):
             if not self.stopped_parsing:
                 # A callback failed for a reason other than _StopParsing: a bug in this module.
                 self.endpoint.logger.exception("endpoint %s: failed to parse a request", self.endpoint.component)
-                self.transport.abort()  # type: ignore[union-attr]
+                self.transport.abort()
         except httptools.HttpParserError as exc:
             request = HttpRequest()
             self._reject(request, 400, f"invalid HTTP request: {exc}")
@@ -265,11 +272,11 @@ class HttpClientProtocol(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         if not self.skip_head:
-            self.request.url += url  # type: ignore[union-attr]
+            self.request.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.skip_head:
-            self.request.headers.append((name, value))  # type: ignore[union-attr]
+            self.request.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self.skip_head:
@@ -299,15 +306,15 @@ class HttpClientProtocol(asyncio.Protocol):
             if self.busy or self.queue:
                 self.pending_continue = request
             else:
-                self.transport.write(CONTINUE_RESPONSE)  # type: ignore[union-attr]
+                self.transport.write(CONTINUE_RESPONSE)
 
     def on_body(self, body: bytes) -> None:
         request = self.request
-        request.body_size += len(body)  # type: ignore[union-attr]
-        if request.body_size > MAX_REQUEST_BODY:  # type: ignore[union-attr]
-            self._reject(request, 413, f"the request body is larger than {MAX_REQUEST_BODY} bytes")  # type: ignore[arg-type]
+        request.body_size += len(body)
+        if request.body_size > MAX_REQUEST_BODY:
+            self._reject(request, 413, f"the request body is larger than {MAX_REQUEST_BODY} bytes")
             raise _StopParsing
-        request.body.append(body)  # type: ignore[union-attr]
+        request.body.append(body)
 
     def on_message_complete(self) -> None:
         request = self.request
@@ -321,7 +328,7 @@ class HttpClientProtocol(asyncio.Protocol):
             return
         if self.pending_continue is request:
             self.pending_continue = None
-        self._enqueue(request)  # type: ignore[arg-type]
+        self._enqueue(request)
 
     def _encode_head(self, request: HttpRequest) -> None:
         """Encode the request line and headers for the backend, and read the framing headers."""
@@ -370,7 +377,7 @@ class HttpClientProtocol(asyncio.Protocol):
             and b"websocket" in upgrade.lower()
         )
         if request.websocket:
-            parts += (b"Upgrade: ", upgrade, b"\r\nConnection: Upgrade\r\n")  # type: ignore[list-item]
+            parts += (b"Upgrade: ", upgrade, b"\r\nConnection: Upgrade\r\n")
         if self.client_ip:
             forwarded_for = self.client_ip if forwarded_for is None else forwarded_for + b", " + self.client_ip
         if forwarded_for is not None:
@@ -408,11 +415,11 @@ class HttpClientProtocol(asyncio.Protocol):
 
     def _release_hold(self) -> None:
         """Parse the bytes held after a WebSocket request whose upgrade did not happen."""
-        held = self.hold
+        held_bytes = self.hold
         self.hold = None
         self._update_reading()
-        if held and not self.stopped_parsing:
-            self._feed(bytes(held))
+        if held_bytes and not self.stopped_parsing:
+            self._feed(bytes(held_bytes))
 
     def _reject(self, request: HttpRequest, status: int, message: str) -> None:
         """Queue a response by the proxy itself, then close the connection after it."""
@@ -438,19 +445,19 @@ class HttpClientProtocol(asyncio.Protocol):
             or len(self.queue) >= MAX_QUEUED_REQUESTS
             or (self.hold is not None and len(self.hold) >= MAX_HELD_BYTES)
         )
-        if pause == self.reading_paused or self.closed:
+        if pause == self.reading_paused or self.closed or self.linger_timer is not None:
             return
         self.reading_paused = pause
         if pause:
-            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.transport.pause_reading()
         else:
-            self.transport.resume_reading()  # type: ignore[union-attr]
+            self.transport.resume_reading()
 
     # --- forwarding -------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
         """Start the next queued request unless one is in progress."""
-        if self.busy or self.closed or self.closing or self.upgraded or not self.queue:
+        if self.busy or self.closed or self.closing or self.upgraded or not self.queue or self.endpoint.stopping:
             return
         request = self.queue.popleft()
         if self.reading_paused:
@@ -550,25 +557,25 @@ class HttpClientProtocol(asyncio.Protocol):
                 # The backend probably closed the pooled connection while it was idle, so the
                 # request is sent once more on a new connection.
                 upstream.close()
-                state.release_exchange(self)  # type: ignore[union-attr]
-                self._start_task(request, None, fresh_only=True)  # type: ignore[arg-type]
+                state.release_exchange(self)
+                self._start_task(request, None, fresh_only=True)
                 return
-            keep_open = self._after_failure(request, state, upstream)  # type: ignore[arg-type]
+            keep_open = self._after_failure(request, state, upstream)
             upstream.close()
         elif result == UPGRADED:
-            state.requests += 1  # type: ignore[union-attr]
+            state.requests += 1
             # The tunnel registers as long-lived before the exchange is released below, so
-            # drain() never sees the backend idle in between.
-            self._open_tunnel(state, upstream)  # type: ignore[arg-type]
+            # drain() never finds the backend idle in between.
+            self._open_tunnel(state, upstream)
             keep_open = False
         else:
-            state.requests += 1  # type: ignore[union-attr]
+            state.requests += 1
             if upstream.status >= 500:
-                state.errors += 1  # type: ignore[union-attr]
+                state.errors += 1
             keep_open = upstream.client_keep_alive
-            self.endpoint.release_upstream(upstream, result == RESPONSE_DONE and not request.websocket)  # type: ignore[union-attr]
+            self.endpoint.release_upstream(upstream, result == RESPONSE_DONE and not request.websocket)
 
-        state.release_exchange(self)  # type: ignore[union-attr]
+        state.release_exchange(self)
         self._finish_request(keep_open)
 
     def _close_lingering(self) -> None:
@@ -577,13 +584,13 @@ class HttpClientProtocol(asyncio.Protocol):
         self.busy = False
         self.current = None
         transport = self.transport
-        if not transport.can_write_eof():  # type: ignore[union-attr]
-            transport.close()  # type: ignore[union-attr]
+        if not transport.can_write_eof():
+            transport.close()
             return
-        transport.write_eof()  # type: ignore[union-attr]
-        self.linger_timer = self.endpoint.loop.call_later(LINGER_TIME, transport.close)  # type: ignore[union-attr]
+        transport.write_eof()
+        self.linger_timer = self.endpoint.loop.call_later(LINGER_TIME, transport.close)
         self.reading_paused = False
-        transport.resume_reading()  # type: ignore[union-attr]
+        transport.resume_reading()
 
     def _finish_request(self, keep_open: bool) -> None:
         """End the current request, then close the connection or start the next request."""
@@ -594,31 +601,37 @@ class HttpClientProtocol(asyncio.Protocol):
             return
         if not keep_open or (self.client_eof and not self.queue):
             self.closing = True
-            self.transport.close()  # type: ignore[union-attr]
+            self.transport.close()
             return
         if request is not None and request.websocket and self.hold is not None:
             self._release_hold()
         if self.pending_continue is not None and not self.queue:
             self.pending_continue = None
-            self.transport.write(CONTINUE_RESPONSE)  # type: ignore[union-attr]
+            self.transport.write(CONTINUE_RESPONSE)
         self._dispatch()
 
     def _after_failure(self, request: HttpRequest, state: BackendState, upstream: UpstreamConnection) -> bool:
-        """Count a failed exchange and answer 502 if no response byte was sent; return whether to keep the client."""
+        """Count a failed exchange and respond with 502 if no response byte was sent.
+
+        Returns whether the client connection stays open.
+        """
         if self.closed:
             return False
         state.requests += 1
         instance_id = state.backend.instance_id
-        if self.drained:
+        if self.drained and self.endpoint.stopping:
+            message = f"the endpoint of {self.endpoint.component} is stopping"
+        elif self.drained:
             message = f"instance {instance_id} was drained before the response was complete"
         else:
             state.errors += 1
             self.endpoint.log_upstream_error(state, upstream.error)
             message = f"instance {instance_id} failed: {upstream.error}"
         if upstream.headers_done:
-            # Part of the response reached the client, so only closing the connection tells it.
+            # Part of the response reached the client, so only closing the connection signals the failure.
             return False
-        return self._respond_error(request, 502, message, request.keep_alive)
+        keep_alive = request.keep_alive and not self.endpoint.stopping
+        return self._respond_error(request, 502, message, keep_alive)
 
     def _respond_unavailable(self, request: HttpRequest, connect_failure: str) -> bool:
         endpoint = self.endpoint
@@ -635,7 +648,7 @@ class HttpClientProtocol(asyncio.Protocol):
     def _respond_error(self, request: HttpRequest, status: int, message: str, keep_alive: bool) -> bool:
         if self.closed:
             return False
-        self.transport.write(encode_error(request, status, message, keep_alive))  # type: ignore[union-attr]
+        self.transport.write(encode_error(request, status, message, keep_alive))
         return keep_alive
 
     def _open_tunnel(self, state: BackendState, upstream: UpstreamConnection) -> None:
@@ -644,21 +657,21 @@ class HttpClientProtocol(asyncio.Protocol):
         client_end.transport = self.transport
         tunnel = Tunnel(state, client_end)
         tunnel.upstream.transport = upstream.transport
-        upstream.transport.set_protocol(tunnel.upstream)  # type: ignore[union-attr]
-        self.transport.set_protocol(client_end)  # type: ignore[union-attr]
+        upstream.transport.set_protocol(tunnel.upstream)
+        self.transport.set_protocol(client_end)
         tunnel.link()
         self.upgraded = True
         self.endpoint.clients.discard(self)
 
         if upstream.leftover:
-            self.transport.write(upstream.leftover)  # type: ignore[union-attr]
-        held = self.hold
+            self.transport.write(upstream.leftover)
+        held_bytes = self.hold
         self.hold = None
-        if held:
-            upstream.transport.write(bytes(held))  # type: ignore[union-attr]
+        if held_bytes:
+            upstream.transport.write(bytes(held_bytes))
         self.reading_paused = False
-        self.transport.resume_reading()  # type: ignore[union-attr]
+        self.transport.resume_reading()
         if upstream.reading_paused and not self.write_paused:
-            upstream.transport.resume_reading()  # type: ignore[union-attr]
+            upstream.transport.resume_reading()
         if upstream.lost:
             tunnel.close()

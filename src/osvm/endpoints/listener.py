@@ -33,7 +33,7 @@ class ListenAddress:
 
 
 def parse_listen(listen: str) -> ListenAddress:
-    """Parse "host:port", "[v6]:port" or "unix:/path"; raise EndpointError when it is none of them."""
+    """Parse "host:port", "[v6]:port" or "unix:/path", raising EndpointError for any other form."""
     if listen.startswith("unix:"):
         path = listen[len("unix:"):]
         if not path.startswith("/"):
@@ -62,7 +62,7 @@ async def bind_tcp(
         )
     except socket.gaierror as exc:
         raise EndpointError(
-            f"cannot resolve the host in listen address {listen}: {exc.strerror}: use an IP address such as 127.0.0.1"
+            f"failed to resolve the host in listen address {listen}: {exc.strerror}: use an IP address such as 127.0.0.1"
         ) from exc
     except OSError as exc:
         raise EndpointError(describe_bind_error(exc, listen)) from exc
@@ -74,7 +74,7 @@ async def bind_tcp(
 async def bind_unix(
     protocol_factory: Callable[[], asyncio.Protocol], path: str, listen: str
 ) -> tuple[asyncio.AbstractServer, tuple[int, int]]:
-    """Start a server on a Unix socket file with mode 0660; return it with the file's (st_dev, st_ino).
+    """Start a server on a Unix socket file with mode 0660, and return it with the file's (st_dev, st_ino).
 
     A socket file that no process listens on is left over from an earlier run and is removed.
     The file identity lets stop() remove only the file that this server created.
@@ -163,8 +163,8 @@ def describe_bind_error(exc: OSError, listen: str) -> str:
         )
     if exc.errno in (errno.EACCES, errno.EPERM):
         return (
-            f"permission denied to listen on {listen}: ports below 1024 need root or CAP_NET_BIND_SERVICE, "
-            f"and a socket file needs a writable directory; choose another endpoint.listen"
+            f"permission denied to listen on {listen}: use a port above 1023 or give osvm CAP_NET_BIND_SERVICE, "
+            f"and for a socket file choose a directory that osvm can write to"
         )
     if exc.errno == errno.ENOENT:
         return f"cannot listen on {listen}: the directory does not exist: create it or choose another endpoint.listen"

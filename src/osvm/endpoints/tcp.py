@@ -30,14 +30,14 @@ class TcpClientProtocol(TunnelEnd):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        transport.pause_reading()  # type: ignore[attr-defined]
+        transport.pause_reading()
         self.endpoint.clients.add(self)
         self.connector = self.endpoint.loop.create_task(self._connect())
 
     def data_received(self, data: bytes) -> None:
         if self.peer is None:
             self.early_data += data
-            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.transport.pause_reading()
             return
         self.peer.write(data)
 
@@ -57,11 +57,11 @@ class TcpClientProtocol(TunnelEnd):
             connector.cancel()
 
     def close_for_stop(self) -> "asyncio.Task[None] | None":
-        """Cancel a connect in progress and close the connection; return the connect task for the caller to await."""
+        """Cancel a connect in progress, close the connection and return the connect task for the caller to await."""
         connector = self.connector
         if connector is not None and not connector.done():
             connector.cancel()
-        self.transport.close()  # type: ignore[union-attr]
+        self.transport.close()
         return connector
 
     async def _connect(self) -> None:
@@ -101,12 +101,12 @@ class TcpClientProtocol(TunnelEnd):
                 return
             tunnel.link()
             if self.early_data:
-                self.peer.write(bytes(self.early_data))  # type: ignore[union-attr]
+                self.peer.write(bytes(self.early_data))
                 self.early_data.clear()
             if self.early_eof:
                 tunnel.forward_eof(self)
             else:
-                self.transport.resume_reading()  # type: ignore[union-attr]
+                self.transport.resume_reading()
             return
 
     def _give_up(self, connect_failure: str) -> None:
@@ -121,4 +121,4 @@ class TcpClientProtocol(TunnelEnd):
             endpoint.log_unavailable(
                 f"closed a client connection: no healthy instance within {endpoint.queue_timeout:g}s"
             )
-        self.transport.close()  # type: ignore[union-attr]
+        self.transport.close()

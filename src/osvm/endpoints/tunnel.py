@@ -37,14 +37,14 @@ class TunnelEnd(asyncio.Protocol):
         self.peer: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport
         set_nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
-        self.peer.write(data)  # type: ignore[union-attr]
+        self.peer.write(data)
 
     def eof_received(self) -> bool:
-        return self.tunnel.forward_eof(self)  # type: ignore[union-attr]
+        return self.tunnel.forward_eof(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.tunnel is not None:
@@ -87,7 +87,7 @@ class Tunnel:
         self.upstream.peer = self.client.transport
 
     def forward_eof(self, end: TunnelEnd) -> bool:
-        """Pass a half-close on to the other side; return True to keep the receiving transport open."""
+        """Pass a half-close on to the other side and return whether the receiving transport stays open."""
         peer = end.peer
         if peer is None or peer.is_closing() or not peer.can_write_eof():
             self.close()

@@ -17,16 +17,17 @@ PENDING = 0
 RESPONSE_DONE = 1
 # The response was forwarded but the connection must be closed.
 RESPONSE_DONE_CLOSE = 2
-# The backend answered 101 to a WebSocket request: the connection is now a tunnel.
+# The backend responded with 101 to a WebSocket request, so the connection is now a tunnel.
 UPGRADED = 3
 # The connection failed before the response was complete. `error` describes why.
 FAILED = 4
 
-# How the response body is written to the client.
+# Body framing toward the client, stored in UpstreamConnection.body_mode.
 BODY_NONE = 0
 # As received: the response has a Content-Length, or it ends when the connection closes.
 BODY_RAW = 1
 # Re-encoded with chunked transfer coding, because httptools delivers the body decoded.
+# NOTE: trailer fields of a chunked response are dropped.
 BODY_CHUNKED = 2
 
 # Response headers that apply to one connection only, so a proxy does not forward them.
@@ -61,6 +62,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.lost = False
         self.aborted = False
         self.reading_paused = False
+
+        # The exchange in progress.
         self.client: "HttpClientProtocol | None" = None
         self.request: "HttpRequest | None" = None
         # Whether feed_data() is running, which defers the call to on_exchange_finished().
@@ -73,6 +76,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.received = False
         # Bytes after a 101 response head, which belong to the WebSocket stream.
         self.leftover = b""
+
+        # The response in progress.
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -99,7 +104,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = 0
         self.interim = False
         self.headers_done = False
-        self.transport.write(data)  # type: ignore[union-attr]
+        self.transport.write(data)
         if client.write_paused:
             self.pause_reading()
 
@@ -111,34 +116,34 @@ class UpstreamConnection(asyncio.Protocol):
             self.resume_reading()
 
     def pause_reading(self) -> None:
-        if not self.transport.is_closing():  # type: ignore[union-attr]
-            self.transport.pause_reading()  # type: ignore[union-attr]
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
             self.reading_paused = True
 
     def resume_reading(self) -> None:
         self.reading_paused = False
-        if not self.transport.is_closing():  # type: ignore[union-attr]
-            self.transport.resume_reading()  # type: ignore[union-attr]
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
 
     @property
     def usable(self) -> bool:
         """Whether the connection is open and not closing, so a request can be sent on it."""
-        return not self.lost and not self.transport.is_closing()  # type: ignore[union-attr]
+        return not self.lost and not self.transport.is_closing()
 
     def close(self) -> None:
-        self.transport.close()  # type: ignore[union-attr]
+        self.transport.close()
 
     def abort(self, reason: str) -> None:
         """Drop the connection at once and fail the exchange with reason."""
         self.aborted = True
         if not self.result and self.client is not None:
             self._fail(reason)
-        self.transport.abort()  # type: ignore[union-attr]
+        self.transport.abort()
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport
         set_nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -161,7 +166,7 @@ class UpstreamConnection(asyncio.Protocol):
             if not self.result:
                 self.error = f"invalid HTTP response: {exc}"
                 self.result = FAILED
-            self.transport.abort()  # type: ignore[union-attr]
+            self.transport.abort()
         finally:
             self.feeding = False
 
@@ -220,14 +225,14 @@ class UpstreamConnection(asyncio.Protocol):
 
         request = self.request
         self.status = status
-        if status == 101 and not request.websocket:  # type: ignore[union-attr]
+        if status == 101 and not request.websocket:
             self._fail("the instance answered 101 Switching Protocols to a request without an upgrade")
             return
         self.headers_done = True
         self.out.append(self._encode_head(status))
-        if request.is_head:  # type: ignore[union-attr]
-            # httptools cannot be told that a response to HEAD has no body. It would wait for
-            # Content-Length bytes, so the exchange ends here and the connection is not reused.
+        if request.is_head:
+            # httptools has no option to mark a response as one to HEAD, so it would wait for
+            # Content-Length bytes. The exchange ends here and the connection is not reused.
             self._finish(RESPONSE_DONE_CLOSE)
 
     def on_body(self, body: bytes) -> None:
@@ -279,9 +284,9 @@ class UpstreamConnection(asyncio.Protocol):
         if options is not None or (chunked and has_length) or status == 101:
             parts = parts[:3] + self._filter_headers(status, chunked, options)
 
-        http10 = request.http10  # type: ignore[union-attr]
+        http10 = request.http10
         self.until_eof = False
-        if request.is_head or status in (101, 204, 304):  # type: ignore[union-attr]
+        if request.is_head or status in (101, 204, 304):
             self.body_mode = BODY_NONE
         elif chunked:
             # An HTTP/1.0 client does not know chunked coding, so its body ends at close.
@@ -293,7 +298,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.body_mode = BODY_RAW if http10 else BODY_CHUNKED
         # Without a length, the body of an HTTP/1.0 response can only end with the connection.
         ends_at_close = http10 and self.body_mode == BODY_RAW and (chunked or not has_length)
-        keep_alive = request.keep_alive and not ends_at_close  # type: ignore[union-attr]
+        keep_alive = request.keep_alive and not ends_at_close
         self.client_keep_alive = keep_alive
 
         if self.body_mode == BODY_CHUNKED:
@@ -347,5 +352,5 @@ class UpstreamConnection(asyncio.Protocol):
             self.state.idle.remove(self)
         except ValueError:
             pass
-        if not self.transport.is_closing():  # type: ignore[union-attr]
-            self.transport.close()  # type: ignore[union-attr]
+        if not self.transport.is_closing():
+            self.transport.close()
