@@ -59,6 +59,7 @@ class ApiServer:
                 web.get("/v1/ca/certificates/{serial}", self.ca_show),
                 web.post("/v1/ca/revoke", self.ca_revoke),
                 web.post("/v1/ca/rotate", self.ca_rotate),
+                web.post("/v1/ca/renew", self.ca_renew),
                 web.get("/v1/ca/crl", self.ca_crl),
                 web.get("/v1/policy/check", self.policy_check),
                 web.post("/v1/down", self.down),
@@ -271,6 +272,14 @@ class ApiServer:
         serial = await asyncio.to_thread(self._ca().rotate, Path(root_key) if root_key else None)
         self.daemon.events.publish("ca.rotated", f"new intermediate {serial}")
         return web.json_response({"intermediate": serial})
+
+    async def ca_renew(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        name = str(body.get("component") or "")
+        self._require_component(name)
+        self._ca()
+        instances = self.daemon.reconciler.renew_certificates(name)
+        return web.json_response({"component": name, "instances": instances})
 
     async def ca_crl(self, request: web.Request) -> web.Response:
         crl = await asyncio.to_thread(self._ca().crl_pem)

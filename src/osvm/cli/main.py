@@ -328,6 +328,13 @@ def cmd_ca(args: argparse.Namespace) -> int:
         else:
             print(f"revoked: {', '.join(result['revoked']) or 'nothing'}")
         return OK
+    if action == "renew":
+        result = client.post("/v1/ca/renew", {"component": args.component})
+        if args.json:
+            _print_json(result)
+        else:
+            print(f"renewing the certificates of {', '.join(result['instances']) or 'no running instance'}; see `osvm events`")
+        return OK
     if action == "rotate":
         body = {"root_key": str(Path(args.root_key).absolute())} if args.root_key else {}
         result = client.post("/v1/ca/rotate", body)
@@ -588,6 +595,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ca_revoke.add_argument("serial", nargs="?")
     ca_revoke.add_argument("--component", help="revoke every unexpired certificate of this component")
     ca_revoke.add_argument("--reason", default="unspecified", help="RFC 5280 reason, such as keyCompromise (default unspecified)")
+    ca_renew = ca_actions.add_parser("renew", parents=[common], help="renew the certificates of a component's instances now")
+    ca_renew.add_argument("component")
     ca_rotate = ca_actions.add_parser("rotate", parents=[common], help="make a new intermediate signed by the root")
     ca_rotate.add_argument("--root-key", metavar="PATH", help="the offline root key, when `ca init --root-out` was used")
     ca.set_defaults(handler=cmd_ca)

@@ -67,6 +67,7 @@ class Daemon:
         self.reconciler.rollout_running = self.deployer.is_running
         self.reconciler.start_rollout = self._start_rollout
         self.metrics.attach(self.reconciler)
+        self.reconciler.on_refused = self._count_refusal
         self.api = ApiServer(self)
         self.rotator = LogRotator()
 
@@ -115,6 +116,11 @@ class Daemon:
     def request_shutdown(self, reason: str) -> None:
         self._shutdown_reason = reason
         self._shutdown.set()
+
+    def _count_refusal(self, component: str, reason: str) -> None:
+        source = reason.split(" access to ", 1)[0].rsplit("/", 1)[-1] if reason.startswith("policy denies") else "unknown"
+        kind = "policy" if reason.startswith("policy denies") else "certificate"
+        self.metrics.policy_denials.labels(component, source, kind).inc()
 
     def _start_rollout(self, name: str, from_revision: int, to_revision: int, spec: Any, trigger: str) -> None:
         try:

@@ -8,6 +8,7 @@ from collections.abc import Set as AbstractSet
 from osvm.config import models
 from osvm.endpoints.backends import Backend, BackendState
 from osvm.endpoints.http import HttpClientProtocol
+from osvm.endpoints.tls import EndpointTls, TlsAcceptor
 from osvm.endpoints.listener import EndpointError, bind_tcp, bind_unix, parse_listen, remove_socket_file
 from osvm.endpoints.tcp import TcpClientProtocol
 from osvm.endpoints.tunnel import Tunnel
@@ -53,9 +54,17 @@ class Endpoint:
     All methods must be called from the event loop that runs start().
     """
 
-    def __init__(self, component: str, spec: models.Endpoint, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        component: str,
+        spec: models.Endpoint,
+        logger: logging.Logger | None = None,
+        tls: EndpointTls | None = None,
+    ) -> None:
         self.component = component
         self.spec = spec
+        # Set for tls = "server" or "mutual": TLS termination and, for mutual, the client check.
+        self.tls = tls
         self.logger = logger if logger is not None else logging.getLogger("osvm.endpoints")
         self.listen_address = spec.listen
         self.queue_timeout = spec.queue_timeout
@@ -89,13 +98,20 @@ class Endpoint:
         self.stopping = False
         # asyncio.Event binds to the loop that first waits on it, and start() may run on a new loop.
         self._backends_changed = asyncio.Event()
-        factory = HttpClientProtocol if self.spec.mode == "http" else TcpClientProtocol
+        protocol_class = HttpClientProtocol if self.spec.mode == "http" else TcpClientProtocol
+        tls = self.tls
+
+        def factory() -> asyncio.Protocol:
+            if tls is not None:
+                return TlsAcceptor(tls, lambda: protocol_class(self))
+            return protocol_class(self)
+
         address = parse_listen(self.spec.listen)
         if address.is_unix:
-            self._server, self._socket_identity = await bind_unix(lambda: factory(self), address.path, self.spec.listen)
+            self._server, self._socket_identity = await bind_unix(factory, address.path, self.spec.listen)
             self.listen_address = self.spec.listen
         else:
-            self._server, self.listen_address = await bind_tcp(lambda: factory(self), address, self.spec.listen)
+            self._server, self.listen_address = await bind_tcp(factory, address, self.spec.listen)
 
         if self.spec.mode == "http":
             self._sweeper = self.loop.create_task(self._close_expired_idle())

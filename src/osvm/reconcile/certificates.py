@@ -11,6 +11,7 @@ import logging
 import os
 import pwd
 import random
+import ssl
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -91,11 +92,23 @@ class CertificateManager:
             "OSVM_TLS_CA": str(directory / "ca.pem"),
         }
 
-    def schedule_renewal(self, component: str, instance_id: str, spec: Component, data_dir: Path, user: str | None, reload: ReloadCallback) -> None:
-        """Renew the instance's certificate at two-thirds of its lifetime, again and again, until cancelled."""
+    def schedule_renewal(
+        self,
+        component: str,
+        instance_id: str,
+        spec: Component,
+        data_dir: Path,
+        user: str | None,
+        reload: ReloadCallback,
+        now: bool = False,
+    ) -> None:
+        """Renew the instance's certificate at two-thirds of its lifetime, again and again, until cancelled.
+
+        With `now`, the first renewal happens at once (`osvm ca renew`).
+        """
         self.cancel_renewal(instance_id)
         self._renewals[instance_id] = asyncio.create_task(
-            self._renew_loop(component, instance_id, spec, data_dir, user, reload), name=f"renew-{instance_id}"
+            self._renew_loop(component, instance_id, spec, data_dir, user, reload, now), name=f"renew-{instance_id}"
         )
 
     def cancel_renewal(self, instance_id: str) -> None:
@@ -116,6 +129,50 @@ class CertificateManager:
                 except CAError as error:
                     logger.error("cannot revoke certificate %s of instance %s: %s", record.serial, instance_id, error)
 
+    def endpoint_context(self, component: str, mutual: bool, endpoint_dir: Path) -> ssl.SSLContext:
+        """Return a TLS server context for a component's endpoint, renewed like instance certificates.
+
+        The endpoint presents a certificate with the component's identity and the DNS names
+        `<component>` and `localhost`. With `mutual`, clients must present a certificate that
+        chains to the CA root.
+        """
+        ca = self.ensure()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if mutual:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cadata=ca.trust_bundle().decode())
+        self._load_endpoint_certificate(component, context, endpoint_dir)
+        key = f"endpoint:{component}"
+        self.cancel_renewal(key)
+        self._renewals[key] = asyncio.create_task(
+            self._renew_endpoint_loop(component, context, endpoint_dir), name=f"renew-endpoint-{component}"
+        )
+        return context
+
+    def _load_endpoint_certificate(self, component: str, context: ssl.SSLContext, endpoint_dir: Path) -> IssuedCertificate:
+        ca = self.ensure()
+        issued = ca.issue(component, [component, "localhost"], DEFAULT_LIFETIME, f"endpoint:{component}")
+        endpoint_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_instance_files(endpoint_dir, issued, os.getuid(), os.getgid())
+        context.load_cert_chain(str(endpoint_dir / "cert.pem"), str(endpoint_dir / "key.pem"))
+        return issued
+
+    async def _renew_endpoint_loop(self, component: str, context: ssl.SSLContext, endpoint_dir: Path) -> None:
+        while True:
+            current = self._latest(component, f"endpoint:{component}")
+            delay = renewal_delay(current[0], current[1], self._rng) if current else RENEWAL_RETRY
+            await asyncio.sleep(delay)
+            try:
+                issued = await asyncio.to_thread(self._load_endpoint_certificate, component, context, endpoint_dir)
+            except (CAError, ValueError, OSError, ssl.SSLError) as error:
+                self.events.publish(
+                    "certificate.renewal_failed", f"endpoint certificate renewal failed: {error}", component, level=logging.ERROR
+                )
+                await asyncio.sleep(RENEWAL_RETRY)
+                continue
+            self.events.publish("certificate.renewed", f"endpoint certificate {issued.serial} loaded", component)
+
     async def shutdown(self) -> None:
         tasks = list(self._renewals.values())
         for task in tasks:
@@ -125,13 +182,23 @@ class CertificateManager:
 
     # --- private helpers ---------------------------------------------------------------------
 
-    async def _renew_loop(self, component: str, instance_id: str, spec: Component, data_dir: Path, user: str | None, reload: ReloadCallback) -> None:
+    async def _renew_loop(
+        self,
+        component: str,
+        instance_id: str,
+        spec: Component,
+        data_dir: Path,
+        user: str | None,
+        reload: ReloadCallback,
+        now: bool,
+    ) -> None:
         while True:
             current = self._latest(component, instance_id)
-            if current is None:
+            if current is None or now:
                 delay = 0.0
             else:
                 delay = renewal_delay(current[0], current[1], self._rng)
+            now = False
             await asyncio.sleep(delay)
             try:
                 ca = self.ensure()

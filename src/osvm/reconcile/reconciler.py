@@ -15,13 +15,14 @@ from typing import Any, Callable
 
 from osvm.config.models import Component, Deployment, Policy
 from osvm.endpoints import Backend, Endpoint, EndpointError
+from osvm.endpoints.tls import EndpointTls
 from osvm.reconcile import allocations
 from osvm.reconcile.certificates import CertificateManager
 from osvm.runtimes.base import LaunchPlan, Runtime
 from osvm.runtimes.netns import addressing_for
 from osvm.runtimes.process import DEFAULT_USER
 from osvm.runtimes.sandbox import SandboxError, find_user
-from osvm.security.ca import CAError
+from osvm.security.ca import CAError, PeerRejected
 from osvm.security.firewall import EgressRule, FirewallError, IngressRule, NamespaceFirewall, parse_egress_entry
 from osvm.security.policy import PolicyEngine, decide_for_endpoint
 from osvm.store import ComponentRecord, InstanceRecord, Store
@@ -79,6 +80,8 @@ class Reconciler:
         self.endpoints: dict[str, Endpoint] = {}
         self.policy = PolicyEngine(Policy())
         self._load_policy()
+        # Set by the daemon: counts a connection an endpoint refused, by component and reason.
+        self.on_refused: Callable[[str, str], None] | None = None
         # Set by the daemon: issues, renews and revokes instance certificates.
         self.certificates: CertificateManager | None = None
         # Set by the daemon: whether a rollout owns a component now, and how to start one.
@@ -458,14 +461,23 @@ class Reconciler:
             return None
         return spec.user or DEFAULT_USER
 
-    def _schedule_renewal(self, supervisor: InstanceSupervisor) -> None:
+    def renew_certificates(self, name: str) -> list[str]:
+        """Renew the certificates of a component's running instances now; return their ids."""
+        renewed = []
+        for supervisor in list(self.supervisors.values()):
+            if supervisor.record.component == name and not supervisor.done:
+                self._schedule_renewal(supervisor, now=True)
+                renewed.append(supervisor.record.id)
+        return renewed
+
+    def _schedule_renewal(self, supervisor: InstanceSupervisor, now: bool = False) -> None:
         if self.certificates is None:
             return
         record = supervisor.record
         spec = supervisor.plan.spec
         user = self._instance_user(supervisor.runtime, spec)
         self.certificates.schedule_renewal(
-            record.component, record.id, spec, supervisor.plan.data_dir, user, supervisor.reload_certificate
+            record.component, record.id, spec, supervisor.plan.data_dir, user, supervisor.reload_certificate, now
         )
 
     def supervisor(self, instance_id: str) -> InstanceSupervisor | None:
@@ -509,7 +521,14 @@ class Reconciler:
             return
         if existing is not None:
             await self._stop_endpoint(name)
-        endpoint = Endpoint(name, spec.endpoint, logger.getChild(f"endpoint.{name}"))
+        try:
+            tls = self._endpoint_tls(name, spec)
+        except (CAError, ValueError, OSError) as error:
+            message = f"cannot set up TLS for the endpoint of {name}: {error}"
+            self.store.set_component_status(name, "failed", message)
+            self.events.publish("endpoint.failed", message, name, level=logging.ERROR)
+            raise ApplyError(message) from None
+        endpoint = Endpoint(name, spec.endpoint, logger.getChild(f"endpoint.{name}"), tls)
         try:
             await endpoint.start()
         except EndpointError as error:
@@ -520,7 +539,44 @@ class Reconciler:
         self.events.publish("endpoint.started", f"listening on {endpoint.listen_address} ({spec.endpoint.mode})", name)
         self.sync_endpoint(name)
 
+    def _endpoint_tls(self, name: str, spec: Component) -> EndpointTls | None:
+        """Build TLS termination for an endpoint with tls = "server" or "mutual"."""
+        assert spec.endpoint is not None
+        if spec.endpoint.tls == "none":
+            return None
+        if self.certificates is None:
+            raise ValueError("this daemon has no certificate authority")
+        mutual = spec.endpoint.tls == "mutual"
+        context = self.certificates.endpoint_context(name, mutual, self.state_dir / "endpoints" / name)
+        if not mutual:
+            return EndpointTls(context)
+        endpoint_spec = spec.endpoint
+        port_name = spec.backend_port_name() or "*"
+        certificates = self.certificates
+
+        def authorize(certificate: bytes | None, peer: str) -> str | None:
+            ca = certificates.ca
+            if ca is None:
+                return "this daemon has no certificate authority"
+            try:
+                identity = ca.verify_peer(certificate)
+            except PeerRejected as error:
+                return error.reason
+            decision = decide_for_endpoint(self.policy, endpoint_spec, identity.component, name, port_name)
+            if not decision.allowed:
+                return f"policy denies {identity.identity} access to {name} port {port_name}: {decision.rule}"
+            return None
+
+        def on_refused(peer: str, reason: str) -> None:
+            self.events.publish("endpoint.refused", f"refused {peer}: {reason}", name, level=logging.WARNING)
+            if self.on_refused is not None:
+                self.on_refused(name, reason)
+
+        return EndpointTls(context, authorize, on_refused)
+
     async def _stop_endpoint(self, name: str) -> None:
+        if self.certificates is not None:
+            self.certificates.cancel_renewal(f"endpoint:{name}")
         endpoint = self.endpoints.pop(name, None)
         if endpoint is not None:
             await endpoint.stop()
