@@ -374,6 +374,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every probe request at INFO; the probes log their own state changes.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     isolation = False if args.no_isolation else None
     return run_daemon(_state_dir(args), isolation, args.subnet_pool, args.metrics_listen)
 

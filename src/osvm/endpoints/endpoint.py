@@ -6,9 +6,9 @@ import time
 from collections.abc import Set as AbstractSet
 
 from osvm.config import models
-from osvm.endpoints.backends import Backend, BackendState
+from osvm.endpoints.backends import Backend, BackendState, format_host_port
 from osvm.endpoints.http import HttpClientProtocol
-from osvm.endpoints.tls import EndpointTls, TlsAcceptor
+from osvm.endpoints.tls import EndpointTls, TlsListener, bind_tls_listener
 from osvm.endpoints.listener import EndpointError, bind_tcp, bind_unix, parse_listen, remove_socket_file
 from osvm.endpoints.tcp import TcpClientProtocol
 from osvm.endpoints.tunnel import Tunnel
@@ -99,15 +99,21 @@ class Endpoint:
         # asyncio.Event binds to the loop that first waits on it, and start() may run on a new loop.
         self._backends_changed = asyncio.Event()
         protocol_class = HttpClientProtocol if self.spec.mode == "http" else TcpClientProtocol
-        tls = self.tls
 
         def factory() -> asyncio.Protocol:
-            if tls is not None:
-                return TlsAcceptor(tls, lambda: protocol_class(self))
             return protocol_class(self)
 
         address = parse_listen(self.spec.listen)
-        if address.is_unix:
+        if self.tls is not None:
+            if address.is_unix:
+                raise EndpointError(f"TLS needs a TCP listen address, not {self.spec.listen}: use host:port or tls = \"none\"")
+            sock = bind_tls_listener(address.host, address.port, self.spec.listen)
+            listener = TlsListener(sock, self.tls, factory)
+            listener.start()
+            self._server = listener  # type: ignore[assignment]
+            bound = sock.getsockname()
+            self.listen_address = format_host_port(bound[0], bound[1])
+        elif address.is_unix:
             self._server, self._socket_identity = await bind_unix(factory, address.path, self.spec.listen)
             self.listen_address = self.spec.listen
         else:

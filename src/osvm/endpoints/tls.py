@@ -1,15 +1,19 @@
 """TLS termination for endpoints: the handshake, the client certificate check, then the usual protocol.
 
-The listener accepts plain TCP and upgrades each connection with loop.start_tls(), so a failed
-handshake (no certificate, an expired one, another CA's) is an exception with a reason, which the
-endpoint records, instead of a connection that silently never arrives.
+The listener accepts each connection itself and runs the handshake with
+loop.connect_accepted_socket(), so a failed handshake (no certificate, an expired one, another CA's)
+is an exception with a reason, which the endpoint records, instead of an error that only the event
+loop's exception handler sees.
 """
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from osvm.endpoints.listener import BACKLOG, EndpointError, describe_bind_error
 
 logger = logging.getLogger("osvm.endpoints.tls")
 
@@ -29,65 +33,101 @@ class EndpointTls:
     on_refused: Callable[[str, str], None] | None = None
 
 
-class TlsAcceptor(asyncio.Protocol):
-    """Accept one connection: run the TLS handshake, authorize the peer, then hand over to the app protocol."""
+class TlsListener:
+    """Accept TCP connections, run each TLS handshake, authorize the peer, then start the app protocol.
 
-    def __init__(self, tls: EndpointTls, make_protocol: Callable[[], asyncio.Protocol]):
+    It has the close() and wait_closed() of an asyncio server, so the endpoint stops it the same way.
+    """
+
+    def __init__(self, sock: socket.socket, tls: EndpointTls, make_protocol: Callable[[], asyncio.Protocol]):
+        self.sock = sock
+        self.sockets = [sock]
         self.tls = tls
         self.make_protocol = make_protocol
-        self._task: asyncio.Task[None] | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._task = asyncio.get_running_loop().create_task(self._accept(transport))
+    def start(self) -> None:
+        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop(), name="tls-accept")
 
-    def data_received(self, data: bytes) -> None:
-        # start_tls takes the transport over before any data, so nothing arrives here.
-        pass
+    def close(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
+        self.sock.close()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+    async def wait_closed(self) -> None:
+        tasks = [task for task in (self._accepting, *self._handshakes) if task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _accept(self, transport: asyncio.Transport) -> None:
-        peer = _format_peer(transport.get_extra_info("peername"))
-        holder = _HandshakeBuffer()
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                connection, _ = await loop.sock_accept(self.sock)
+            except OSError as error:
+                logger.warning("accepting a connection failed: %s", error)
+                await asyncio.sleep(0.1)
+                continue
+            task = loop.create_task(self._accept(connection))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _accept(self, connection: socket.socket) -> None:
+        peer = _format_peer(_peer_name(connection))
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        gate = _HandshakeBuffer()
         loop = asyncio.get_running_loop()
         try:
-            tls_transport = await loop.start_tls(
-                transport, holder, self.tls.context, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: gate, connection, ssl=self.tls.context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
             )
         except ssl.SSLCertVerificationError as error:
-            self._refuse(transport, peer, _verification_reason(error))
+            self._refuse(connection, peer, _verification_reason(error))
             return
         except ssl.SSLError as error:
-            self._refuse(transport, peer, _handshake_reason(error))
+            self._refuse(connection, peer, _handshake_reason(error))
             return
         except (ConnectionError, TimeoutError, OSError) as error:
             logger.debug("TLS handshake with %s failed: %s", peer, error)
-            transport.close()
-            return
-        if tls_transport is None:
-            transport.close()
+            connection.close()
             return
 
         if self.tls.authorize is not None:
-            ssl_object = tls_transport.get_extra_info("ssl_object")
+            ssl_object = transport.get_extra_info("ssl_object")
             certificate = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
             reason = self.tls.authorize(certificate, peer)
             if reason is not None:
-                self._refuse(tls_transport, peer, reason)
+                if self.tls.on_refused is not None:
+                    self.tls.on_refused(peer, reason)
+                transport.close()
                 return
 
         protocol = self.make_protocol()
-        tls_transport.set_protocol(protocol)
-        protocol.connection_made(tls_transport)
-        holder.hand_over(protocol)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        gate.hand_over(protocol)
 
-    def _refuse(self, transport: asyncio.BaseTransport, peer: str, reason: str) -> None:
+    def _refuse(self, connection: socket.socket, peer: str, reason: str) -> None:
         if self.tls.on_refused is not None:
             self.tls.on_refused(peer, reason)
-        transport.close()
+        connection.close()
+
+
+def bind_tls_listener(host: str, port: int, listen: str) -> socket.socket:
+    """Bind and listen on a TCP address for a TLS endpoint; raise EndpointError naming the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as error:
+        sock.close()
+        raise EndpointError(describe_bind_error(error, listen)) from None
+    return sock
 
 
 class _HandshakeBuffer(asyncio.Protocol):
@@ -96,6 +136,9 @@ class _HandshakeBuffer(asyncio.Protocol):
     def __init__(self) -> None:
         self._chunks: list[bytes] = []
         self._eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass
 
     def data_received(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -126,6 +169,13 @@ def _handshake_reason(error: ssl.SSLError) -> str:
     if "peer did not return a certificate" in text or "certificate required" in text:
         return "no client certificate"
     return f"TLS handshake failed: {error.reason or error}"
+
+
+def _peer_name(connection: socket.socket) -> object:
+    try:
+        return connection.getpeername()
+    except OSError:
+        return None
 
 
 def _format_peer(peername: object) -> str:
