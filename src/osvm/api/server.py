@@ -312,11 +312,15 @@ class ApiServer:
 
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8", "X-Osvm-Instance": record.id})
         await response.prepare(request)
-        await response.write(data)
-        if request.query.get("follow") in ("1", "true"):
-            async for chunk in follow_log(path, offset):
-                await response.write(chunk)
-        await response.write_eof()
+        try:
+            await response.write(data)
+            if request.query.get("follow") in ("1", "true"):
+                async for chunk in follow_log(path, offset):
+                    await response.write(chunk)
+            await response.write_eof()
+        except ConnectionError:
+            # The client stopped following (Ctrl-C on `osvm logs -f`): a normal end of the stream.
+            pass
         return response
 
     async def events(self, request: web.Request) -> web.StreamResponse:
@@ -331,15 +335,19 @@ class ApiServer:
             response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await response.prepare(request)
             last_id = after
-            for event in past:
-                await response.write(_ndjson(event.to_json()))
-                last_id = event.id
-            while queue is not None:
-                event = await queue.get()
-                if event.id <= last_id or (component and event.component != component):
-                    continue
-                await response.write(_ndjson(event.to_json()))
-            await response.write_eof()
+            try:
+                for event in past:
+                    await response.write(_ndjson(event.to_json()))
+                    last_id = event.id
+                while queue is not None:
+                    event = await queue.get()
+                    if event.id <= last_id or (component and event.component != component):
+                        continue
+                    await response.write(_ndjson(event.to_json()))
+                await response.write_eof()
+            except ConnectionError:
+                # The client stopped following (Ctrl-C on `osvm events -f`): a normal end of the stream.
+                pass
             return response
         finally:
             if queue is not None:

@@ -110,6 +110,9 @@ class Daemon:
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.reconciler.stop_endpoints()
             await self._detach_supervisors()
+            if not self.store.live_instances():
+                # Nothing to adopt later, so the empty cgroup parent of this state directory can go.
+                self.runtime.remove_cgroup_parent()
             self.store.close()
             logger.info("daemon stopped")
 

@@ -262,6 +262,8 @@ class Reconciler:
             for component in components:
                 if component.desired == RUNNING:
                     await self._converge_running(component.name, component.revision)
+                    # Let supervisors and the API run between components of a large deployment.
+                    await asyncio.sleep(0)
 
     async def recover(self) -> None:
         """Adopt the instances a previous daemon left running, or clean them up for replacement."""
@@ -361,6 +363,7 @@ class Reconciler:
                 self.events.publish("component.waiting", reason, name)
             return
         for _ in range(wanted - len(current)):
+            await asyncio.sleep(0)
             try:
                 self.create_instance(name, revision, spec, in_rotation=True)
             except ApplyError as error:

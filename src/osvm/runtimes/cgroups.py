@@ -189,6 +189,28 @@ def _parent_dirs(layout: Layout, root: Path, parent: str) -> list[Path]:
     return [root / parent]
 
 
+def remove_parent(parent: str = DEFAULT_PARENT, root: str | os.PathLike = DEFAULT_ROOT) -> bool:
+    """Remove the parent directories of instance cgroups when no instance cgroup is left in them.
+
+    Returns True when they are gone. A parent that still holds instance cgroups is kept.
+    """
+    _check_name("parent", parent)
+    root_path = Path(root)
+    layout = detect_layout(root_path)
+    if layout is None:
+        return False
+    removed = True
+    for parent_dir in _parent_dirs(layout, root_path, parent):
+        try:
+            parent_dir.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            logger.debug("kept cgroup parent %s: %s", parent_dir, error)
+            removed = False
+    return removed
+
+
 class Cgroup:
     """The cgroup of one instance: one directory per controller on v1, one
     directory on v2."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from osvm.runtimes import procinfo
 from osvm.runtimes.base import ExitStatus, LaunchPlan, ProcessHandle
 from osvm.runtimes.netns import InstanceNetwork, NetworkError
-from osvm.runtimes.cgroups import Cgroup, CgroupError, CgroupLimits, detect_layout
+from osvm.runtimes.cgroups import Cgroup, CgroupError, CgroupLimits, detect_layout, remove_parent
 from osvm.security.firewall import FirewallError, NamespaceFirewall
 from osvm.runtimes.sandbox import STATUS_FD, SandboxError, build_sandbox_argv, find_user, missing_tools
 
@@ -244,6 +244,11 @@ class ProcessRuntime:
             except CgroupError as error:
                 logger.error("cannot remove orphan cgroup %s: %s", name, error)
         return removed
+
+    def remove_cgroup_parent(self) -> None:
+        """Remove this state directory's cgroup parent once no instance cgroup is left in it."""
+        if self.isolated and self.cgroup_layout is not None:
+            remove_parent(self.cgroup_parent)
 
     def record_start(self, handle: ProcessHandle, plan: LaunchPlan) -> None:
         handle.extra["oom_kills_at_start"] = self._oom_kills(plan.instance_id)
