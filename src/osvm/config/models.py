@@ -211,8 +211,15 @@ class Endpoint(StrictModel):
     tls: Literal["none", "server", "mutual"] = "none"
     # A public endpoint accepts every client that completes the handshake; policy is not applied.
     public: bool = False
-    # Use mTLS from the endpoint to the instance too; the instance must serve TLS with its certificate.
+    # mTLS from the endpoint to the instance. Reserved: true is rejected until it is implemented.
     upstream_tls: bool = False
+
+    @field_validator("upstream_tls")
+    @classmethod
+    def _check_upstream_tls(cls, upstream_tls: bool) -> bool:
+        if upstream_tls:
+            raise ValueError("upstream_tls is not implemented in this version of osvm: remove it or set it to false")
+        return upstream_tls
 
     @field_validator("listen")
     @classmethod
