@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Iterator
 
@@ -21,7 +23,7 @@ import pytest
 
 from e2e import CGROUP_CONTROLLERS, CGROUP_ROOT, EXAMPLE, Osvm, free_subnet_pool, wait_for
 from osvm.runtimes.cgroups import Cgroup, CgroupError, detect_layout
-from osvm.runtimes.netns import InstanceNetwork, NetworkError
+from osvm.runtimes.netns import HOST_IFNAME_PREFIX, NETNS_PREFIX, InstanceNetwork, NetworkError, short_id
 from osvm.runtimes.sandbox import SandboxError, find_user, missing_tools
 
 # How long teardown waits for processes of the state directory to exit after `osvm down`.
@@ -43,7 +45,7 @@ def _skip_unless_host_supports_e2e() -> None:
     if missing:
         pytest.skip(f"end-to-end tests need {', '.join(missing)} on PATH (Debian packages bubblewrap, util-linux)")
     if detect_layout() != "v1":
-        # The checks of cgroup directories and pids.current below read the v1 layout.
+        # The tests read cgroup directories and limit files at their v1 paths.
         pytest.skip("end-to-end tests need cgroup v1 memory, cpu and pids mounts under /sys/fs/cgroup")
     try:
         find_user("osvm")
@@ -69,7 +71,7 @@ def e2e_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def osvm_stopped(e2e_dir: Path, request: pytest.FixtureRequest) -> Iterator[Osvm]:
-    """An Osvm on a fresh state directory with no daemon started; teardown checks for leftovers."""
+    """An Osvm on a fresh state directory with no daemon started, whose teardown checks for leftovers."""
     _skip_unless_host_supports_e2e()
     osvm = Osvm(base=e2e_dir, subnet_pool=free_subnet_pool())
     try:
@@ -80,7 +82,7 @@ def osvm_stopped(e2e_dir: Path, request: pytest.FixtureRequest) -> Iterator[Osvm
 
 @pytest.fixture
 def osvm(osvm_stopped: Osvm) -> Osvm:
-    """An Osvm with its daemon started and answering on its socket."""
+    """An Osvm with its daemon started and responding on its socket."""
     osvm_stopped.start_daemon()
     return osvm_stopped
 
@@ -91,6 +93,18 @@ def example_file() -> Path:
     ganache = EXAMPLE.parent.parent / "vendor" / "ganache-7.9.2" / "node_modules" / ".bin" / "ganache"
     if not ganache.exists():
         pytest.skip(f"{ganache} is missing: run `bash scripts/setup` to install ganache")
+    # The example's endpoints listen on fixed addresses, which another program may hold.
+    for name, component in tomllib.loads(EXAMPLE.read_text())["components"].items():
+        listen = component.get("endpoint", {}).get("listen", "")
+        host, _, port = listen.rpartition(":")
+        if listen.startswith("unix:") or not port:
+            continue
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host.strip("[]"), int(port)))
+            except OSError as error:
+                pytest.skip(f"{listen}, where the example's {name} endpoint listens, is in use: {error.strerror}")
     return EXAMPLE
 
 
@@ -114,10 +128,14 @@ def _tear_down(osvm: Osvm, request: pytest.FixtureRequest) -> None:
 
 
 def _stop_through_cli(osvm: Osvm, problems: list[str]) -> None:
-    """Run `osvm down --daemon`, first restarting a daemon that a test killed, so it adopts its instances."""
-    if osvm.daemon is None:
-        return
+    """Run `osvm down --daemon`, first restarting a daemon that a test killed, so it adopts its instances.
+
+    A daemon that `osvm up` started is stopped the same way. A daemon still running after this is
+    one of the leftover processes, because its command line names the state directory.
+    """
     if osvm.ping() is None:
+        if not osvm.stored_instance_ids(live_only=True):
+            return
         try:
             osvm.start_daemon()
         except AssertionError as error:
@@ -142,11 +160,10 @@ def _stop_daemon_process(osvm: Osvm, problems: list[str]) -> None:
 
 def _kill_extra_processes(osvm: Osvm) -> None:
     """Kill processes a test started beside the daemon, such as `osvm logs -f`, if still running."""
-    for pid in osvm.extra_pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    for process in osvm.extra_processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
 
 
 def _find_leftovers(osvm: Osvm, instance_ids: list[str]) -> list[str]:
@@ -185,13 +202,12 @@ def _remove_leftovers(osvm: Osvm, instance_ids: list[str]) -> None:
             os.kill(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    namespaces, _ = osvm.leftover_networks(instance_ids)
+    namespaces, links = osvm.leftover_networks(instance_ids)
     for instance in instance_ids:
-        network = InstanceNetwork.open(instance) if f"osvm-{instance}" in namespaces else None
-        if network is None:
+        if NETNS_PREFIX + instance not in namespaces and HOST_IFNAME_PREFIX + short_id(instance) not in links:
             continue
         try:
-            network.remove()
+            InstanceNetwork(instance, None).remove()
         except NetworkError as error:
             print(f"cannot remove leftover network of {instance}: {error}")
 

@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import textwrap
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -27,6 +28,7 @@ import httpx
 
 from osvm.runtimes.netns import HOST_IFNAME_PREFIX, NETNS_PREFIX, short_id
 from osvm.runtimes.process import cgroup_parent_for
+from osvm.store.db import LIVE_STATES
 
 ROOT = Path(__file__).resolve().parent.parent
 OSVM = ROOT / ".venv" / "bin" / "osvm"
@@ -49,15 +51,20 @@ T = TypeVar("T")
 
 # --- components ------------------------------------------------------------------------------
 
-# An HTTP server on OSVM_ADDRESS and OSVM_PORT_HTTP. GET returns the component's facts, POST
-# answers any JSON-RPC call with the result "0x1". TCPServer replaces HTTPServer, whose
-# server_bind() looks up the host name with DNS, which a network namespace cannot reach.
+# An HTTP server on OSVM_ADDRESS and OSVM_PORT_HTTP. GET returns the component and instance names
+# and the variable GREETING, and POST replies to any JSON-RPC call with the result "0x1". It uses
+# TCPServer, because HTTPServer.server_bind() looks up the host name with DNS, which a network
+# namespace cannot reach.
 HTTP_SERVER = """
 import http.server, json, os, socketserver
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        self.reply({"component": os.environ["OSVM_COMPONENT"], "instance": os.environ["OSVM_INSTANCE"], "pid": os.getpid()})
+        self.reply({
+            "component": os.environ["OSVM_COMPONENT"],
+            "instance": os.environ["OSVM_INSTANCE"],
+            "greeting": os.environ.get("GREETING"),
+        })
 
     def do_POST(self):
         length = int(self.headers.get("Content-Length") or 0)
@@ -139,6 +146,20 @@ def deployment_toml(name: str, components: dict[str, dict[str, Any]]) -> str:
         lines.extend(f"{toml_key(key)} = {toml_value(value)}" for key, value in spec.items())
         lines.append("")
     return "\n".join(lines)
+
+
+# --- requests to components ------------------------------------------------------------------
+
+# Requests go straight to the component, never through a proxy from the environment.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_request(url: str, payload: Any = None, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send GET, or POST with `payload` as JSON, and return the status and body."""
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with _DIRECT.open(request, timeout=timeout) as response:
+        return response.status, response.read()
 
 
 # --- waiting ---------------------------------------------------------------------------------
@@ -229,9 +250,9 @@ def free_subnet_pool() -> str:
                 used.append(ipaddress.IPv4Network(match.group(1), strict=False))
             except ValueError:
                 continue
-    start = 128 + os.getpid() % 100
+    first = os.getpid() % 128
     for offset in range(128):
-        candidate = ipaddress.IPv4Network(f"10.213.{128 + (start + offset) % 128}.0/24")
+        candidate = ipaddress.IPv4Network(f"10.213.{128 + (first + offset) % 128}.0/24")
         if not any(candidate.overlaps(network) for network in used if network.prefixlen > 0):
             return str(candidate)
     raise RuntimeError("no free /24 left in 10.213.128.0/17 for a test daemon's subnet pool")
@@ -248,7 +269,8 @@ class Osvm:
     subnet_pool: str
     daemon: subprocess.Popen[bytes] | None = None
     daemon_starts: int = 0
-    extra_pids: list[int] = field(default_factory=list)
+    # Processes a test starts beside the daemon, killed in teardown if still running.
+    extra_processes: list[subprocess.Popen[str]] = field(default_factory=list)
 
     @property
     def state_dir(self) -> Path:
@@ -269,7 +291,7 @@ class Osvm:
     # --- daemon ------------------------------------------------------------------------------
 
     def start_daemon(self) -> None:
-        """Start the daemon as a child process and wait until its socket answers."""
+        """Start the daemon as a child process and wait until it responds on its socket."""
         assert self.daemon is None or self.daemon.poll() is not None, "the daemon is already running"
         self.daemon_starts += 1
         with open(self.daemon_log, "ab") as log:
@@ -288,11 +310,11 @@ class Osvm:
             )  # fmt: skip
         daemon = self.daemon
 
-        def answers() -> bool:
+        def responds() -> bool:
             assert daemon.poll() is None, f"the daemon exited with status {daemon.returncode}:\n{self.log_tail()}"
             return self.ping() is not None
 
-        wait_for(answers, f"the daemon to answer on {self.socket}", DAEMON_START_TIMEOUT, 0.1)
+        wait_for(responds, f"the daemon to respond on {self.socket}", DAEMON_START_TIMEOUT, 0.1)
 
     def ping(self) -> dict[str, Any] | None:
         try:
@@ -343,8 +365,16 @@ class Osvm:
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
 
+    def get(self, path: str, **params: Any) -> httpx.Response:
+        """Send GET to the control API, failing the test on an error status."""
+        with self.api() as client:
+            response = client.get(path, params=params)
+        assert response.status_code == 200, f"GET {path} returned {response.status_code}: {response.text}"
+        return response
+
     def status(self) -> dict[str, Any]:
-        return self.cli_json("status")
+        """Return the status from the control API, which wait loops poll at less CPU cost than the CLI."""
+        return self.get("/v1/status").json()
 
     def component(self, name: str) -> dict[str, Any]:
         for component in self.status()["components"]:
@@ -359,14 +389,17 @@ class Osvm:
         return instances[0]
 
     def events(self, component: str | None = None) -> list[dict[str, Any]]:
-        args = ["events", "--json", "--limit", "10000"]
+        """Return past events, oldest first, from the control API."""
+        params: dict[str, Any] = {"limit": 10000}
         if component is not None:
-            args += ["--component", component]
-        output = self.cli(*args).stdout
-        return [json.loads(line) for line in output.splitlines() if line.strip()]
+            params["component"] = component
+        lines = self.get("/v1/events", **params).text.splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
 
-    def event_reasons(self, component: str, kind: str | None = None) -> list[str]:
-        return [event["reason"] for event in self.events(component) if kind is None or event["kind"] == kind]
+    def cli_events(self) -> list[dict[str, Any]]:
+        """Return past events, oldest first, from `osvm events --json`."""
+        output = self.cli("events", "--json", "--limit", "10000").stdout
+        return [json.loads(line) for line in output.splitlines() if line.strip()]
 
     def write_deployment(self, components: dict[str, dict[str, Any]], name: str = "e2e", file: str = "deploy.toml") -> Path:
         path = self.base / file
@@ -419,14 +452,20 @@ class Osvm:
     def data_dir(self, instance_id: str) -> Path:
         return self.state_dir / "data" / instance_id
 
-    def stored_instance_ids(self) -> list[str]:
-        """Return the id of every instance the store ever recorded, read from state.db directly."""
+    def stored_instance_ids(self, live_only: bool = False) -> list[str]:
+        """Return the ids of the instances in state.db, read from the file directly.
+
+        With `live_only`, return only those in a state that owns a process, cgroup or network namespace.
+        """
         database = self.state_dir / "state.db"
         if not database.exists():
             return []
+        query = "SELECT id FROM instances"
+        if live_only:
+            query += f" WHERE state IN ({', '.join('?' for _ in LIVE_STATES)})"
         connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
         try:
-            return [row[0] for row in connection.execute("SELECT id FROM instances")]
+            return [row[0] for row in connection.execute(query, LIVE_STATES if live_only else ())]
         finally:
             connection.close()
 

@@ -2,25 +2,20 @@
 
 import json
 import socket
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from e2e import Osvm
+from e2e import Osvm, http_request
 
 pytestmark = pytest.mark.root
 
 
 def eth_block_number(port: int) -> dict:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/",
-        data=json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber", "params": []}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
+    call = {"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber", "params": []}
+    status, body = http_request(f"http://127.0.0.1:{port}/", call)
+    assert status == 200
+    return json.loads(body)
 
 
 def redis_ping(port: int) -> bytes:
@@ -29,13 +24,13 @@ def redis_ping(port: int) -> bytes:
         return connection.recv(64)
 
 
-def test_example_comes_up(osvm: Osvm, example_file: Path):
+def test_example_comes_up(example_file: Path, osvm: Osvm):
     result = osvm.up(example_file)
 
     assert "cache: revision 1 created" in result.stdout
     assert "rpc: revision 1 created" in result.stdout
 
-    status = osvm.status()
+    status = osvm.cli_json("status")
     assert status["daemon"]["isolated"] is True
     assert status["daemon"]["state_dir"] == str(osvm.state_dir)
     components = {component["name"]: component for component in status["components"]}
@@ -58,11 +53,8 @@ def test_example_comes_up(osvm: Osvm, example_file: Path):
     redis_port = components["cache"]["instances"][0]["ports"]["redis"]
     assert redis_ping(redis_port).startswith(b"+PONG")
 
-
-def test_example_starts_rpc_after_cache_healthy(osvm: Osvm, example_file: Path):
-    osvm.up(example_file)
-
-    events = osvm.events()
+    # depends_on: rpc started only after cache became healthy.
+    events = osvm.cli_events()
     cache_healthy = [event for event in events if event["component"] == "cache" and event["kind"] == "instance.healthy"]
     rpc_started = [event for event in events if event["component"] == "rpc" and event["kind"] == "instance.started"]
     rpc_waiting = [event for event in events if event["component"] == "rpc" and event["kind"] == "component.waiting"]
