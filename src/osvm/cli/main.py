@@ -285,15 +285,21 @@ def cmd_ca(args: argparse.Namespace) -> int:
     action = args.ca_action
     if action == "init":
         body = {"trust_domain": args.trust_domain, "key_type": args.key_type}
+        root_key_path = None
         if args.root_out:
-            body["root_out"] = str(Path(args.root_out).absolute())
+            root_key_path = Path(args.root_out).absolute()
+            if root_key_path.is_dir():
+                from osvm.security.ca import ROOT_KEY_FILE
+
+                root_key_path = root_key_path / ROOT_KEY_FILE
+            body["root_out"] = str(root_key_path)
         result = client.post("/v1/ca/init", body)
         if args.json:
             _print_json(result)
         else:
             print(f"created a CA for trust domain {result['trust_domain']} ({result['key_type']}) in {result['directory']}")
             if not result["root_key_online"]:
-                print(f"the root key is at {args.root_out}; keep it offline, `osvm ca rotate --root-key` needs it")
+                print(f"the root key is at {root_key_path}; keep it offline, `osvm ca rotate --root-key` needs it")
         return OK
     if action == "list":
         result = client.get("/v1/ca/certificates", **({"component": args.component} if args.component else {}))
@@ -588,7 +594,11 @@ def _build_parser() -> argparse.ArgumentParser:
     ca_init = ca_actions.add_parser("init", parents=[common], help="create the root and intermediate CA")
     ca_init.add_argument("--trust-domain", default="osvm.local", help="SPIFFE trust domain of identities (default osvm.local)")
     ca_init.add_argument("--key-type", default="ecdsa-p256", choices=["ecdsa-p256", "ed25519"], help="key type (default ecdsa-p256)")
-    ca_init.add_argument("--root-out", metavar="DIR", help="write the root key here and keep only the intermediate online")
+    ca_init.add_argument(
+        "--root-out",
+        metavar="DIR",
+        help="write the root key to DIR/root-key.pem (or to this file path) and keep only the intermediate online",
+    )
     ca_list = ca_actions.add_parser("list", parents=[common], help="list issued certificates")
     ca_list.add_argument("--component", help="only this component's certificates")
     ca_show = ca_actions.add_parser("show", parents=[common], help="show one certificate")
