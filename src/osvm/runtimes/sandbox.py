@@ -16,6 +16,9 @@ from pathlib import Path
 # exec keeps it, so the whole sandbox starts inside the cgroups and no fork escapes the limits.
 _JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
 
+# Directories that the sandbox replaces with empty ones of its own.
+PRIVATE_DIRS = (Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"))
+
 # Default descriptor for bwrap's JSON status: the child pid first, the exit code last.
 STATUS_FD = 3
 
@@ -104,6 +107,8 @@ def build_sandbox_argv(
             if parent != hidden and parent.is_relative_to(hidden):
                 chain += ["--perms", "0755", "--dir", str(parent)]
     chain += ["--bind", str(data_dir), str(data_dir)]
+    for shown in _paths_under_private_dirs(argv, workdir):
+        chain += ["--ro-bind", str(shown), str(shown)]
     chain += [
         "--unshare-pid",
         "--unshare-ipc",
@@ -127,3 +132,26 @@ def build_sandbox_argv(
         "--",
     ]
     return chain + argv
+
+
+def _paths_under_private_dirs(argv: list[str], workdir: str | None) -> list[Path]:
+    """Return the host directories the command needs that the private /tmp would hide.
+
+    A program, script or working directory under /tmp (a checkout there, say) stays visible, read
+    only: the top directory below /tmp that holds it is bound into the sandbox.
+    """
+    shown: list[Path] = []
+    candidates = [element for element in argv if element.startswith("/")]
+    if workdir:
+        candidates.append(workdir)
+    for candidate in candidates:
+        path = Path(candidate)
+        if not path.exists():
+            continue
+        for resolved in (path.absolute(), path.resolve()):
+            for private in PRIVATE_DIRS:
+                if resolved != private and resolved.is_relative_to(private):
+                    top = private / resolved.relative_to(private).parts[0]
+                    if top not in shown:
+                        shown.append(top)
+    return shown
