@@ -15,12 +15,12 @@ from osvm import paths
 # Stopping waits out grace periods, which the deployment file sets; this bounds the wait.
 STOP_TIMEOUT = 900.0
 
-# How long `osvm up` waits for a daemon it started to answer.
+# Seconds `osvm up` waits for a daemon that it started to accept requests.
 DAEMON_START_TIMEOUT = 15.0
 
 
 class ClientError(Exception):
-    """A request failed; the message is the daemon's error or says how to reach it."""
+    """A request failed. The message is the daemon's error, or how to reach the daemon."""
 
 
 class Client:
@@ -42,7 +42,7 @@ class Client:
         return True
 
     def ensure_daemon(self) -> bool:
-        """Start a background daemon on this state directory unless one answers; return True if started."""
+        """Start a background daemon on this state directory unless one is running; return True if started."""
         if self.is_running():
             return False
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +62,7 @@ class Client:
                 return True
             time.sleep(0.1)
         raise ClientError(
-            f"the daemon did not answer on {self.socket} within {DAEMON_START_TIMEOUT:g} s: "
+            f"the daemon did not respond on {self.socket} within {DAEMON_START_TIMEOUT:g} s: "
             f"read {paths.daemon_log_path(self.state_dir)} for its errors"
         )
 

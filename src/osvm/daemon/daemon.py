@@ -25,7 +25,7 @@ logger = logging.getLogger("osvm.daemon")
 
 
 class DaemonError(Exception):
-    """The daemon cannot start; the message says why and what to do."""
+    """The daemon cannot start. The message gives the reason and the fix."""
 
 
 class Daemon:

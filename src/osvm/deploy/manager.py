@@ -20,7 +20,7 @@ logger = logging.getLogger("osvm.deploy")
 
 
 class DeployError(Exception):
-    """A deploy request cannot start; the message says why and what to do."""
+    """A deploy request cannot start. The message gives the reason and the fix."""
 
     def __init__(self, message: str, status: int = 409):
         super().__init__(message)
@@ -215,7 +215,7 @@ def apply_settings(spec: dict[str, Any], settings: list[str]) -> dict[str, Any]:
                 target[part] = [] if isinstance(following, int) else {}
             target = target[part]
         last = parts[-1]
-        # Environment values are strings, and so is a key that holds a string now: keep the text as written.
+        # Environment values are strings, and so is a key that contains a string now, so the text is kept as written.
         if parts[0] == "env" or _holds_string(target, last):
             value = raw
         if isinstance(last, int):

@@ -37,7 +37,7 @@ MAX_CHECK_OUTPUT = 300
 
 
 class RolloutState(str, enum.Enum):
-    """Where a rollout is; the first four are active, the last three final."""
+    """The state of a rollout. The first four are active and the last three final."""
 
     #: Green instances are being created and started beside blue.
     STARTING = "starting"
@@ -49,9 +49,9 @@ class RolloutState(str, enum.Enum):
     DRAINING = "draining"
     #: Green serves and blue is stopped.
     COMPLETE = "complete"
-    #: Traffic went back to blue after a failure in the watch window, or the rollout was aborted.
+    #: Traffic went back to blue after a failure or an abort in the watch window.
     ROLLED_BACK = "rolled_back"
-    #: Green never became fit to serve; blue was never touched.
+    #: Green never became fit to serve, or the rollout was aborted before the switch. Blue was never touched.
     FAILED = "failed"
 
 
@@ -63,7 +63,7 @@ class RolloutFailure(Exception):
 
 
 class Fleet(Protocol):
-    """What a rollout needs from the reconciler."""
+    """The reconciler operations that a rollout uses."""
 
     def create_instance(self, name: str, revision: int, spec: Component, in_rotation: bool) -> "InstanceSupervisor": ...
 
@@ -96,7 +96,7 @@ class Rollout:
         self._aborted = reason
 
     async def run(self) -> None:
-        """Run the rollout to a final state. Never raises except on cancellation."""
+        """Run the rollout to a final state. Errors end it as failed or rolled_back; only cancellation propagates."""
         try:
             await self._run()
         except asyncio.CancelledError:

@@ -1,8 +1,8 @@
 """Prometheus metrics of one daemon: a private registry, collected from live state at scrape time.
 
-Counters that events drive (restarts, rollouts, policy denials) are incremented where the event
-happens; everything else (instance health, endpoint counters) is read from the daemon when
-Prometheus scrapes, so the numbers never drift from the state they describe.
+Counters that events drive (events by kind, policy denials) are incremented where the event happens.
+Everything else (instance health and restarts, endpoint counters) is read from the daemon when
+Prometheus scrapes, so those numbers follow the state they describe.
 """
 
 from typing import TYPE_CHECKING, Iterator

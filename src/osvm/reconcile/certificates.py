@@ -27,7 +27,7 @@ TLS_DIR = "tls"
 # A failed renewal is retried after this long, well inside the last third of the lifetime.
 RENEWAL_RETRY = 30.0
 
-# Called after the files are swapped; returns a description of what the instance was told.
+# Called after the files are swapped. It returns a description of the reload that was done.
 ReloadCallback = Callable[[], Awaitable[str]]
 
 

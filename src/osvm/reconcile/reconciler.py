@@ -53,7 +53,7 @@ _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class ApplyError(Exception):
-    """A deployment cannot be applied; the message says why."""
+    """A deployment cannot be applied. The message gives the reason."""
 
 
 class Reconciler:

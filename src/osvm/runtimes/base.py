@@ -34,7 +34,7 @@ class LaunchPlan:
 
 @dataclass
 class ExitStatus:
-    """How an instance's main process ended."""
+    """The end of an instance's main process: exit code and reason."""
 
     # Exit code of the process, 128 + N for a signal N, or None when it could not be read.
     code: int | None

@@ -32,7 +32,7 @@ KILL_TIMEOUT = 10.0
 
 
 class ProcessRuntimeError(Exception):
-    """An instance could not be prepared, started or stopped; the message says why and what to do."""
+    """An instance could not be prepared, started or stopped. The message gives the reason and the fix."""
 
 
 class ProcessRuntime:

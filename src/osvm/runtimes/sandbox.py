@@ -138,7 +138,7 @@ def _paths_under_private_dirs(argv: list[str], workdir: str | None) -> list[Path
     """Return the host directories the command needs that the private /tmp would hide.
 
     A program, script or working directory under /tmp (a checkout there, say) stays visible, read
-    only: the top directory below /tmp that holds it is bound into the sandbox.
+    only: the top directory below /tmp that contains it is bound into the sandbox.
     """
     shown: list[Path] = []
     candidates = [element for element in argv if element.startswith("/")]
