@@ -1,10 +1,10 @@
 /*
  * osvm guest agent: PID 1 of a microVM.
  *
- * It mounts /proc, /sys and /dev, loads the kernel modules listed in /osvm/modules.list, switches
- * to an ext4 root disk when /osvm/root names one, configures eth0 for QEMU's user network, and
- * then waits on the virtio-serial port "osvm.agent" for the host's START message with the
- * component's argv and environment. The component's stdout and stderr go to the port "osvm.log",
+ * It mounts /proc, /sys and /dev and loads the kernel modules listed in /osvm/modules.list. It
+ * switches to an ext4 root disk when /osvm/root names one, and configures eth0 for QEMU's user
+ * network. Then it waits on the virtio-serial port "osvm.agent" for the host's START message
+ * with the component's argv and environment. The component's stdout and stderr go to the port "osvm.log",
  * which QEMU appends to the instance's output.log. Exec probes arrive on "osvm.exec" (or on
  * "osvm.agent"). A SHUTDOWN message, the ACPI power button, SIGTERM or SIGPWR stop the component
  * with its stop signal, then SIGKILL after the grace period, then power the VM off. When the
@@ -61,19 +61,23 @@ enum message_type {
     MSG_ECHO = 10,
     MSG_ECHO_REPLY = 11,
     MSG_ERROR = 12,
+    MSG_KEEPALIVE = 13,
 };
 
 enum component_state { STATE_WAITING = 0, STATE_RUNNING = 1, STATE_EXITED = 2, STATE_STOPPING = 3 };
 
 #define DEFAULT_PATH "/app:/app/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #define DEFAULT_GRACE_MS 10000
-/* Output kept per exec request; the host shows only the last line. */
+/* Output kept per exec request. The host shows only its last line. */
 #define EXEC_TAIL_BYTES 4096
 #define MAX_EXEC_JOBS 16
 #define MAX_INPUTS 8
-/* Frames queued for a host that is not connected; more are dropped, since HELLO restates the state. */
+/* Frames queued for a host that is not connected. More are dropped, because HELLO restates the state. */
 #define MAX_QUEUED_BYTES (1u << 20)
-/* Component output buffered for the log port; the agent stops reading the component's pipe above it. */
+/* Largest ECHO payload. Every frame stays below virtio_console's 32 KiB write limit, so one write()
+ * sends one whole frame and a client never receives part of a frame meant for its predecessor. */
+#define MAX_ECHO_BYTES (16u * 1024)
+/* Component output buffered for the log port. Above it, the agent stops reading the component's pipe. */
 #define LOG_HIGH_WATER (64u * 1024)
 /* How long the agent waits for devices that modules create asynchronously. */
 #define DEVICE_WAIT_MS 10000
@@ -105,6 +109,9 @@ struct exec_job {
     char tail[EXEC_TAIL_BYTES];
     size_t tail_len;
     int64_t deadline_ms;
+    /* The request's client must send KEEPALIVE before this time, or the command is killed. */
+    uint32_t keepalive_ms;
+    int64_t alive_until_ms;
 };
 
 static struct channel control = {.name = "osvm.agent", .fd = -1};
@@ -286,15 +293,18 @@ static void free_string_list(char **list) {
 }
 
 static void flush_channel(struct channel *channel) {
-    while (channel->connected && channel->out.len > 0) {
-        ssize_t n = write(channel->fd, channel->out.data, channel->out.len);
+    while (channel->connected && channel->out.len >= HEADER_SIZE) {
+        uint32_t payload_len;
+        memcpy(&payload_len, channel->out.data + 4, 4);
+        size_t frame_len = HEADER_SIZE + ntohl(payload_len);
+        ssize_t n = write(channel->fd, channel->out.data, frame_len <= channel->out.len ? frame_len : channel->out.len);
         if (n > 0) {
             buffer_consume(&channel->out, (size_t)n);
             continue;
         }
         if (n < 0 && errno == EINTR)
             continue;
-        return; /* EAGAIN: poll waits for POLLOUT; other errors show up as POLLHUP. */
+        return; /* On EAGAIN, poll waits for POLLOUT. Other errors show up as POLLHUP. */
     }
 }
 
@@ -757,36 +767,51 @@ static void finish_job(struct exec_job *job, int code) {
     job->out_fd = -1;
 }
 
-static void start_exec(struct channel *channel, uint32_t id, uint32_t timeout_ms, char **argv) {
+static void send_exec_failure(struct channel *channel, uint32_t id, const char *reason) {
+    char text[256];
+    snprintf(text, sizeof text, "osvm-agent: %s\n", reason);
+    struct buffer payload = {0};
+    put_u32(&payload, id);
+    put_u32(&payload, 125);
+    put_string(&payload, text);
+    send_frame(channel, MSG_EXEC_RESULT, &payload);
+    free(payload.data);
+}
+
+static void start_exec(struct channel *channel, uint32_t id, uint32_t timeout_ms, uint32_t keepalive_ms, char **argv) {
     struct exec_job *job = NULL;
     for (int i = 0; i < MAX_EXEC_JOBS && job == NULL; i++)
         if (!jobs[i].used)
             job = &jobs[i];
-    if (job == NULL || argv == NULL || argv[0] == NULL) {
-        struct buffer payload = {0};
-        const char *reason = job == NULL ? "osvm-agent: too many exec requests at once\n" : "osvm-agent: empty command\n";
-        put_u32(&payload, id);
-        put_u32(&payload, 125);
-        put_string(&payload, reason);
-        send_frame(channel, MSG_EXEC_RESULT, &payload);
-        free(payload.data);
+    if (job == NULL) {
+        send_exec_failure(channel, id, "too many exec requests at once");
         return;
     }
-    int output[2];
-    if (pipe2(output, O_CLOEXEC) != 0)
+    if (argv == NULL || argv[0] == NULL) {
+        send_exec_failure(channel, id, "empty command");
         return;
+    }
+
+    int output[2];
+    if (pipe2(output, O_CLOEXEC) != 0) {
+        send_exec_failure(channel, id, strerror(errno));
+        return;
+    }
     pid_t pid = fork();
     if (pid == 0) {
         close(output[0]);
         exec_in_child(argv, output[1], effective_workdir());
-        dprintf(output[1], "osvm-agent: cannot run %s: %s\n", argv[0], strerror(errno));
-        _exit(errno == ENOENT ? 127 : 126);
+        int error = errno;
+        dprintf(output[1], "osvm-agent: cannot run %s: %s\n", argv[0], strerror(error));
+        _exit(error == ENOENT ? 127 : 126);
     }
     close(output[1]);
     if (pid < 0) {
         close(output[0]);
+        send_exec_failure(channel, id, strerror(errno));
         return;
     }
+
     set_nonblocking(output[0]);
     job->used = 1;
     job->id = id;
@@ -795,12 +820,8 @@ static void start_exec(struct channel *channel, uint32_t id, uint32_t timeout_ms
     job->channel = channel;
     job->tail_len = 0;
     job->deadline_ms = timeout_ms ? now_ms() + timeout_ms : -1;
-}
-
-static void cancel_jobs_of(struct channel *channel) {
-    for (int i = 0; i < MAX_EXEC_JOBS; i++)
-        if (jobs[i].used && jobs[i].channel == channel)
-            kill(-jobs[i].pid, SIGKILL);
+    job->keepalive_ms = keepalive_ms;
+    job->alive_until_ms = keepalive_ms ? now_ms() + keepalive_ms : -1;
 }
 
 static int status_code(int status) {
@@ -909,22 +930,20 @@ static void handle_start(struct reader *reader) {
     char *workdir = get_string(reader);
     uint32_t signal_number = get_u32(reader);
     uint32_t grace = get_u32(reader);
-    if (reader->bad || argv == NULL || argv[0] == NULL) {
-        send_text(&control, MSG_ERROR, "invalid START message");
+
+    int valid = !reader->bad && argv != NULL && argv[0] != NULL;
+    if (!valid || state != STATE_WAITING) {
+        if (!valid)
+            send_text(&control, MSG_ERROR, "invalid START message");
+        else
+            send_hello(&control); /* Already started: restate the state instead. */
         free(hostname);
         free(workdir);
         free_string_list(argv);
         free_string_list(env);
         return;
     }
-    if (state != STATE_WAITING) {
-        send_hello(&control);
-        free(hostname);
-        free(workdir);
-        free_string_list(argv);
-        free_string_list(env);
-        return;
-    }
+
     if (hostname[0])
         sethostname(hostname, strlen(hostname));
     free(hostname);
@@ -946,18 +965,30 @@ static void handle_frame(struct channel *channel, uint8_t type, const uint8_t *p
     case MSG_EXEC: {
         uint32_t id = get_u32(&reader);
         uint32_t timeout_ms = get_u32(&reader);
+        uint32_t keepalive_ms = get_u32(&reader);
         char **argv = get_string_list(&reader);
         if (reader.bad)
             send_text(channel, MSG_ERROR, "invalid EXEC message");
         else
-            start_exec(channel, id, timeout_ms, argv);
+            start_exec(channel, id, timeout_ms, keepalive_ms, argv);
         free_string_list(argv);
+        break;
+    }
+    case MSG_KEEPALIVE: {
+        uint32_t id = get_u32(&reader);
+        for (int i = 0; i < MAX_EXEC_JOBS && !reader.bad; i++)
+            if (jobs[i].used && jobs[i].id == id && jobs[i].keepalive_ms)
+                jobs[i].alive_until_ms = now_ms() + jobs[i].keepalive_ms;
         break;
     }
     case MSG_SHUTDOWN:
         request_shutdown("shutdown requested by the host");
         break;
     case MSG_ECHO: {
+        if (len > MAX_ECHO_BYTES) {
+            send_text(channel, MSG_ERROR, "ECHO payload larger than 16 KiB");
+            break;
+        }
         struct buffer reply = {0};
         buffer_append(&reply, payload, len);
         send_frame(channel, MSG_ECHO_REPLY, &reply);
@@ -996,18 +1027,20 @@ static void parse_frames(struct channel *channel) {
     }
 }
 
+/*
+ * The guest learns of connections through control messages that virtio_console handles apart
+ * from the data, so bytes from the next client can be read before the previous client's
+ * disconnection is seen. Hence nothing read or queued is dropped on a disconnection: requests get
+ * their replies in order, replies carry the request id, and clients skip frames that are not theirs.
+ * Exec requests also run to completion (or their timeout) when their client goes away.
+ */
 static void on_connected(struct channel *channel) {
     channel->connected = 1;
-    channel->in.len = 0;
-    channel->out.len = 0;
     send_hello(channel);
 }
 
 static void on_disconnected(struct channel *channel) {
     channel->connected = 0;
-    channel->in.len = 0;
-    channel->out.len = 0;
-    cancel_jobs_of(channel);
 }
 
 /* Check whether the host side of a disconnected port has connected, without blocking. */
@@ -1021,6 +1054,7 @@ static void check_connection(struct channel *channel) {
 
 static void read_channel(struct channel *channel) {
     uint8_t chunk[16384];
+    int host_closed = 0;
     for (;;) {
         ssize_t n = read(channel->fd, chunk, sizeof chunk);
         if (n > 0) {
@@ -1029,11 +1063,13 @@ static void read_channel(struct channel *channel) {
         }
         if (n < 0 && errno == EINTR)
             continue;
-        if (n == 0)
-            on_disconnected(channel);
+        /* read() returns 0 once the port has no data and the host side is not connected. */
+        host_closed = n == 0;
         break;
     }
     parse_frames(channel);
+    if (host_closed)
+        on_disconnected(channel);
 }
 
 static void read_power_button(int fd) {
@@ -1114,9 +1150,12 @@ static void run(void) {
         int64_t wake = now + RECONNECT_CHECK_MS;
         if (kill_deadline_ms >= 0 && kill_deadline_ms < wake)
             wake = kill_deadline_ms;
-        for (int i = 0; i < MAX_EXEC_JOBS; i++)
+        for (int i = 0; i < MAX_EXEC_JOBS; i++) {
             if (jobs[i].used && jobs[i].deadline_ms >= 0 && jobs[i].deadline_ms < wake)
                 wake = jobs[i].deadline_ms;
+            if (jobs[i].used && jobs[i].alive_until_ms >= 0 && jobs[i].alive_until_ms < wake)
+                wake = jobs[i].alive_until_ms;
+        }
         int timeout = wake > now ? (int)(wake - now) : 0;
 
         int ready = poll(fds, count, timeout);
@@ -1132,12 +1171,8 @@ static void run(void) {
             int index = channel_index[i];
             if (index < 0 || !channels[i]->connected)
                 continue;
-            if (fds[index].revents & (POLLIN | POLLHUP | POLLERR)) {
-                if (fds[index].revents & POLLHUP && !(fds[index].revents & POLLIN))
-                    on_disconnected(channels[i]);
-                else
-                    read_channel(channels[i]);
-            }
+            if (fds[index].revents & (POLLIN | POLLHUP | POLLERR))
+                read_channel(channels[i]);
             if (channels[i]->connected && (fds[index].revents & POLLOUT))
                 flush_channel(channels[i]);
         }
@@ -1162,9 +1197,13 @@ static void run(void) {
             kill_deadline_ms = -1;
         }
         for (int i = 0; i < MAX_EXEC_JOBS; i++) {
-            if (jobs[i].used && jobs[i].deadline_ms >= 0 && now >= jobs[i].deadline_ms) {
+            /* A missed keepalive means the client went away, as when a probe times out and is killed. */
+            int expired = jobs[i].used && jobs[i].deadline_ms >= 0 && now >= jobs[i].deadline_ms;
+            int abandoned = jobs[i].used && jobs[i].alive_until_ms >= 0 && now >= jobs[i].alive_until_ms;
+            if (expired || abandoned) {
                 kill(-jobs[i].pid, SIGKILL);
                 jobs[i].deadline_ms = -1;
+                jobs[i].alive_until_ms = -1;
             }
         }
         for (int i = 0; i < 2; i++)

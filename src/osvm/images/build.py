@@ -52,7 +52,7 @@ BUILDER_VERSION = 1
 MANIFEST = "manifest.json"
 INITRD = "initrd.img"
 ROOTFS = "rootfs.ext4"
-# The guest sees the ext4 root filesystem as the first virtio-blk disk.
+# The ext4 root filesystem is the guest's first virtio-blk disk.
 ROOT_DEVICE = "/dev/vda"
 # Free space added to an ext4 root filesystem beyond its content. The file is sparse, so unused
 # space costs no disk.
@@ -62,7 +62,7 @@ _STANDARD_DIRS = ("bin", "dev", "etc", "proc", "sys", "run", "tmp", "data", "app
 
 
 class ImageError(Exception):
-    """An image could not be built, found or removed; the message says what to do."""
+    """An image could not be built, found or removed; the message explains the fix."""
 
 
 @dataclass(frozen=True)

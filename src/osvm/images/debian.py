@@ -20,7 +20,7 @@ DEBOOTSTRAP_TIMEOUT = 1800
 
 
 class DebianError(Exception):
-    """debootstrap could not run or failed; the message says what to do."""
+    """debootstrap could not run or failed; the message explains the fix."""
 
 
 def debian_source(sources: Path = APT_SOURCES, sources_dir: Path = APT_SOURCES_DIR) -> dict[str, str]:

@@ -37,7 +37,7 @@ _ELF_MAGIC = b"\x7fELF"
 
 
 class KernelError(Exception):
-    """The kernel or a guest package could not be fetched or unpacked; the message says what to do."""
+    """The kernel or a guest package could not be fetched or unpacked; the message explains the fix."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,8 @@ class GuestKernel:
                 built_in = _builtin_modules(self.modules_dir)
                 if name in built_in:
                     return
-                wanted = f" (needed by {needed_by})" if needed_by else ""
-                raise KernelError(f"kernel module {name}{wanted} is missing from {self.package} {self.version}")
+                requirer = f" (needed by {needed_by})" if needed_by else ""
+                raise KernelError(f"kernel module {name}{requirer} is missing from {self.package} {self.version}")
             visiting.add(name)
             for dependency in module_dependencies(path):
                 visit(dependency, name)

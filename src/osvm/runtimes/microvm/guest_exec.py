@@ -4,7 +4,7 @@
 
 The command's output (its last 4 KiB, stdout and stderr together) is written to stdout and its
 exit status becomes this program's exit status. When the agent cannot be reached the exit status
-is 125 and stderr says why. QEMU serves the socket to one client at a time, so concurrent calls
+is 125 and stderr gives the reason. QEMU serves the socket to one client at a time, so concurrent calls
 run one after another.
 """
 
@@ -22,15 +22,20 @@ from osvm.runtimes.microvm.protocol import (
     decode_exec_result,
     encode_exec,
     encode_frame,
+    encode_keepalive,
 )
 
 # Exit status when the command could not be run at all, as with `docker exec`.
 UNREACHABLE_STATUS = 125
 DEFAULT_TIMEOUT = 60.0
+# The helper sends KEEPALIVE this often while it waits. When it is killed (a probe timed out), the
+# agent kills the command after KEEPALIVE_TIMEOUT without one, instead of at the command's timeout.
+KEEPALIVE_INTERVAL = 1.0
+KEEPALIVE_TIMEOUT = 5.0
 
 
 class GuestExecError(Exception):
-    """The agent could not be reached or answered with something unexpected."""
+    """The agent could not be reached, or it rejected the request or closed the connection."""
 
 
 def run_in_guest(socket_path: str, argv: list[str], timeout: float = DEFAULT_TIMEOUT) -> tuple[int, bytes]:
@@ -41,10 +46,14 @@ def run_in_guest(socket_path: str, argv: list[str], timeout: float = DEFAULT_TIM
     request_id = secrets.randbits(31)
     deadline = time.monotonic() + timeout
     with _connect(socket_path, timeout) as connection:
-        connection.sendall(encode_exec(request_id, argv, int(timeout * 1000)))
+        connection.sendall(encode_exec(request_id, argv, int(timeout * 1000), int(KEEPALIVE_TIMEOUT * 1000)))
         parser = FrameParser()
+        next_keepalive = time.monotonic() + KEEPALIVE_INTERVAL
         while True:
-            for frame in _receive(connection, parser, deadline):
+            if time.monotonic() >= next_keepalive:
+                connection.sendall(encode_keepalive(request_id))
+                next_keepalive = time.monotonic() + KEEPALIVE_INTERVAL
+            for frame in _receive(connection, parser, min(deadline, next_keepalive), deadline):
                 if frame.type == MessageType.EXEC_RESULT:
                     result = decode_exec_result(frame.payload)
                     if result.request_id == request_id:
@@ -60,7 +69,7 @@ def echo(socket_path: str, data: bytes, timeout: float = 10.0) -> bytes:
         connection.sendall(encode_frame(MessageType.ECHO, data))
         parser = FrameParser()
         while True:
-            for frame in _receive(connection, parser, deadline):
+            for frame in _receive(connection, parser, deadline, deadline):
                 if frame.type == MessageType.ECHO_REPLY:
                     return frame.payload
 
@@ -76,15 +85,20 @@ def _connect(socket_path: str, timeout: float) -> socket.socket:
     return connection
 
 
-def _receive(connection: socket.socket, parser: FrameParser, deadline: float) -> list:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
+def _receive(connection: socket.socket, parser: FrameParser, wake: float, deadline: float) -> list:
+    """Return the frames that arrive before wake (none when wake passes first).
+
+    Raises GuestExecError once deadline has passed or the connection closes.
+    """
+    if time.monotonic() >= deadline:
         raise GuestExecError("timed out waiting for the guest agent")
-    connection.settimeout(remaining)
+    connection.settimeout(max(wake - time.monotonic(), 0.001))
     try:
         data = connection.recv(65536)
     except TimeoutError:
-        raise GuestExecError("timed out waiting for the guest agent") from None
+        if time.monotonic() >= deadline:
+            raise GuestExecError("timed out waiting for the guest agent") from None
+        return []
     if not data:
         raise GuestExecError("the guest agent connection closed before the result arrived (is the VM running?)")
     return parser.feed(data)

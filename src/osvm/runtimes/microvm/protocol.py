@@ -15,14 +15,21 @@ count and that many strings. Payloads by type:
                                 u32 stop signal, u32 grace period in ms
     READY        guest -> host  u32 component pid, sent after execve of the component succeeded
     START_FAILED guest -> host  str reason
-    EXEC         host -> guest  u32 request id, u32 timeout in ms (0: none), list argv
+    EXEC         host -> guest  u32 request id, u32 timeout in ms (0: none), u32 keepalive in ms
+                                (0: none), list argv
+    KEEPALIVE    host -> guest  u32 request id: the client still waits for that EXEC. With a
+                                nonzero keepalive, the agent kills the command when no
+                                KEEPALIVE arrives for that long, because its client went away
     EXEC_RESULT  guest -> host  u32 request id, i32 exit code (128 + N for signal N), bytes output tail
     SHUTDOWN     host -> guest  empty: stop the component and power off
     EXITED       guest -> host  i32 exit code of the component; the VM powers off next
-    ECHO         host -> guest  any bytes, returned unchanged in ECHO_REPLY
+    ECHO         host -> guest  up to 16 KiB of any bytes, returned unchanged in ECHO_REPLY
     ERROR        guest -> host  str reason for rejecting a frame
 
-The agent sends HELLO each time a host connects to a port, and forgets anything it queued before.
+The agent sends HELLO each time a host connects to a port. Frames that it queued while no host
+was connected are sent first, so a client skips frames it does not expect (an EXEC_RESULT with
+another request id, for one). Every frame is smaller than 32 KiB, so a client never receives
+part of a frame: one write() on a virtio-serial port sends up to 32 KiB as one buffer.
 """
 
 import asyncio
@@ -48,6 +55,7 @@ class MessageType(enum.IntEnum):
     ECHO = 10
     ECHO_REPLY = 11
     ERROR = 12
+    KEEPALIVE = 13
 
 
 class AgentState(enum.IntEnum):
@@ -118,8 +126,13 @@ def encode_start(
     return encode_frame(MessageType.START, payload)
 
 
-def encode_exec(request_id: int, argv: list[str], timeout_ms: int = 0) -> bytes:
-    return encode_frame(MessageType.EXEC, pack_u32(request_id) + pack_u32(timeout_ms) + pack_list(argv))
+def encode_exec(request_id: int, argv: list[str], timeout_ms: int = 0, keepalive_ms: int = 0) -> bytes:
+    payload = pack_u32(request_id) + pack_u32(timeout_ms) + pack_u32(keepalive_ms) + pack_list(argv)
+    return encode_frame(MessageType.EXEC, payload)
+
+
+def encode_keepalive(request_id: int) -> bytes:
+    return encode_frame(MessageType.KEEPALIVE, pack_u32(request_id))
 
 
 class PayloadReader:

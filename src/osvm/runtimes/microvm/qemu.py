@@ -4,7 +4,8 @@ The machine is QEMU's `microvm`: no PCI and no firmware tables beyond ACPI, virt
 virtio-mmio, and a direct PVH boot of the ELF vmlinux. The devices are:
 
 - virtio-net with QEMU's user network: the guest is 10.0.2.15, and each allocated port P is
-  forwarded from 127.0.0.1:P on the host to port P in the guest;
+  forwarded from 127.0.0.1:P on the host (or the instance address in its network namespace) to
+  port P in the guest;
 - virtio-serial with three ports: "osvm.agent" and "osvm.exec" on host Unix sockets for the
   agent's control and exec channels, and "osvm.log" appended to the instance's output.log;
 - virtio-blk for an ext4 root filesystem, through a per-instance qcow2 overlay;
@@ -44,6 +45,8 @@ class QemuConfig:
     log_path: Path
     ports: list[int]
     restrict_network: bool
+    # The host address that forwarded ports listen on: loopback, or the instance's address in its network namespace.
+    listen_address: str = "127.0.0.1"
     overlay: Path | None = None
     run_as: str | None = None
     sandbox: bool = True
@@ -191,7 +194,7 @@ def _network_args(config: QemuConfig) -> list[str]:
         # restrict=on cuts the guest off from the host and the outside; hostfwd rules still work.
         netdev += ",restrict=on"
     for port in config.ports:
-        netdev += f",hostfwd=tcp:127.0.0.1:{port}-:{port}"
+        netdev += f",hostfwd=tcp:{config.listen_address}:{port}-:{port}"
     return ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
 
 

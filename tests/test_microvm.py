@@ -1,0 +1,448 @@
+"""Tests of the microvm runtime with real QEMU boots (TCG where KVM is not usable).
+
+Each test boots a VM from one shared image of a small static HTTP server. The `vms` fixture
+records every handle and plan, and its teardown kills any QEMU still running (by pid), runs
+cleanup(), and fails the test if a QEMU process, socket or overlay of the test is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+
+import pytest
+
+from osvm.config.load import parse_deployment
+from osvm.config.models import ExecProbe, ImageSpec
+from osvm.images.kernel import KernelError, fetch_kernel
+from osvm.probes.exec import check_exec
+from osvm.probes.target import ProbeTarget
+from osvm.runtimes import procinfo
+from osvm.runtimes.base import LaunchPlan, ProcessHandle
+from osvm.runtimes.microvm import MicroVmRuntime, detect_accelerator
+from osvm.runtimes.microvm.guest_exec import echo, run_in_guest
+from osvm.runtimes.microvm.protocol import encode_exec
+from osvm.runtimes.cgroups import CONTROLLERS, DEFAULT_ROOT, Cgroup
+from osvm.runtimes.microvm.qmp import qmp_execute
+from osvm.runtimes.netns import InstanceNetwork, addressing_for
+from osvm.runtimes.microvm.runtime import POWEROFF_MARGIN, QEMU_MEMORY_OVERHEAD, QUIT_TIMEOUT, guest_argv, guest_env
+from e2e import free_subnet_pool
+from test_microvm_support import IMAGE_CACHE, compile_server, make_plan, require_qemu
+
+# A boot under TCG takes 2 to 10 s on a loaded 2-core host.
+READY_TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="module")
+def server_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_qemu()
+    try:
+        fetch_kernel(IMAGE_CACHE)
+    except KernelError as error:
+        pytest.skip(f"the guest kernel package cannot be fetched: {error}")
+    return compile_server(tmp_path_factory.mktemp("server"))
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    # Short, because QEMU's socket paths under it must fit in 108 bytes.
+    path = Path(tempfile.mkdtemp(prefix="osvm-vm-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class VmTracker:
+    """The runtime under test plus every VM it started, for teardown."""
+
+    def __init__(self, state_dir: Path):
+        self.state_dir = state_dir
+        self.runtime = MicroVmRuntime(state_dir, image_cache=IMAGE_CACHE)
+        self.started: list[tuple[ProcessHandle, LaunchPlan]] = []
+
+    async def boot(self, plan: LaunchPlan) -> ProcessHandle:
+        await self.runtime.prepare(plan)
+        handle = await self.runtime.start(plan)
+        self.runtime.record_start(handle, plan)
+        self.started.append((handle, plan))
+        return handle
+
+    async def boot_ready(self, plan: LaunchPlan) -> ProcessHandle:
+        handle = await self.boot(plan)
+        ready = await self.runtime.wait_ready(handle, READY_TIMEOUT)
+        assert ready, f"the agent did not report READY within {READY_TIMEOUT} s:\n{_diagnostics(plan)}"
+        return handle
+
+
+@pytest.fixture
+async def vms(state_dir: Path, server_binary: Path) -> AsyncIterator[VmTracker]:
+    tracker = VmTracker(state_dir)
+    try:
+        yield tracker
+    finally:
+        problems = []
+        for handle, plan in tracker.started:
+            if procinfo.is_alive(handle.pid, handle.start_time):
+                problems.append(f"QEMU pid {handle.pid} of {plan.instance_id} was still running at teardown")
+                os.kill(handle.pid, signal.SIGKILL)
+                await tracker.runtime.wait(handle, plan)
+            await tracker.runtime.cleanup(plan)
+            for name in ("root.qcow2", "agent.sock", "exec.sock", "qmp.sock"):
+                if (plan.instance_dir / name).exists():
+                    problems.append(f"{plan.instance_dir / name} left after cleanup")
+            if _qemu_pids(plan.instance_id):
+                problems.append(f"QEMU processes of {plan.instance_id} left: {_qemu_pids(plan.instance_id)}")
+            if tracker.runtime.cgroup_layout is not None and Cgroup.open(plan.instance_id, parent=tracker.runtime.cgroup_parent):
+                problems.append(f"cgroup of {plan.instance_id} left after cleanup")
+        _remove_cgroup_parent(tracker.runtime)
+        assert not problems, "\n".join(problems)
+
+
+# --- tests -------------------------------------------------------------------------------------
+
+
+def test_detect_accelerator_names_reason() -> None:
+    accelerator, reason = detect_accelerator("auto")
+    assert accelerator in ("kvm", "tcg")
+    assert reason
+    cpu_flags = Path("/proc/cpuinfo").read_text()
+    if " vmx" not in cpu_flags and " svm" not in cpu_flags:
+        assert accelerator == "tcg"
+        assert "vmx or svm" in reason
+
+
+def test_detect_accelerator_tcg_requested() -> None:
+    assert detect_accelerator("tcg")[0] == "tcg"
+
+
+async def test_vm_serves_http_and_exec(vms: VmTracker, server_binary: Path) -> None:
+    plan = make_plan(vms.state_dir, "web-1-aaaaaa", server_binary)
+    handle = await vms.boot_ready(plan)
+    port = int(plan.env["OSVM_PORT_HTTP"])
+
+    response = await asyncio.to_thread(_http_get, port)
+    assert response.startswith(b"HTTP/1.1 200 OK"), response
+    body = json.loads(response.split(b"\r\n\r\n", 1)[1])
+    assert body["result"] == "pong"
+
+    prefix = vms.runtime.exec_prefix(handle, plan)
+    success = subprocess.run([*prefix, "sh", "-c", "echo checked; test -x /app/server"], capture_output=True, text=True, timeout=60)
+    assert success.returncode == 0, success.stderr
+    assert success.stdout.strip() == "checked"
+    failure = subprocess.run([*prefix, "sh", "-c", "echo first; echo behind; exit 3"], capture_output=True, text=True, timeout=60)
+    assert failure.returncode == 3
+    assert failure.stdout.splitlines()[-1] == "behind"
+    missing = subprocess.run([*prefix, "no-such-program"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 127
+    assert "no-such-program" in missing.stdout
+
+    target = ProbeTarget(host="127.0.0.1", ports={"http": port}, exec_prefix=tuple(prefix), env=dict(plan.env))
+    healthy, detail = await check_exec(ExecProbe(type="exec", command=["sh", "-c", "test -n \"$OSVM_INSTANCE\""]), target)
+    assert healthy, detail
+    unhealthy, detail = await check_exec(ExecProbe(type="exec", command=["sh", "-c", "echo not synced; exit 1"]), target)
+    assert not unhealthy
+    assert "not synced" in detail
+
+    output = plan.log_path.read_text()
+    assert f"listening on {port} as web-1-aaaaaa" in output
+
+    if os.geteuid() == 0:
+        uid_line = next(line for line in Path(f"/proc/{handle.pid}/status").read_text().splitlines() if line.startswith("Uid:"))
+        assert int(uid_line.split()[1]) == pwd.getpwnam("osvm").pw_uid
+    if vms.runtime.cgroup_layout is not None:
+        cgroup = Cgroup.open(plan.instance_id, parent=vms.runtime.cgroup_parent)
+        assert cgroup is not None
+        assert cgroup.contains(handle.pid)
+        if cgroup.layout == "v1":
+            memory_dir = next(path for path in cgroup.paths if path.parent.parent.name == "memory")
+            limit = int((memory_dir / "memory.limit_in_bytes").read_text())
+            assert limit == 256 * 1024 * 1024 + QEMU_MEMORY_OVERHEAD
+
+    started = time.monotonic()
+    await vms.runtime.stop(handle, plan)
+    stop_seconds = time.monotonic() - started
+    status = await vms.runtime.wait(handle, plan)
+    assert stop_seconds < plan.spec.stop_grace_period + 5.0
+    assert status.code == 128 + signal.SIGTERM
+    assert "killed by SIGTERM" in status.reason
+    assert "powered off" in status.reason
+    assert "microVM on" in status.reason
+    assert "ACPI power button" in plan.log_path.read_text()
+
+
+async def test_stop_waits_grace_then_kills(vms: VmTracker, server_binary: Path) -> None:
+    # The component ignores SIGTERM, so the agent sends SIGKILL after the grace period.
+    plan = make_plan(vms.state_dir, "web-1-bbbbbb", server_binary, command="trap '' TERM; exec /app/server", grace=1.0)
+    handle = await vms.boot_ready(plan)
+    # READY means the shell started. Once the server responds, the shell has run trap and exec.
+    await asyncio.to_thread(_http_get, int(plan.env["OSVM_PORT_HTTP"]))
+    started = time.monotonic()
+    await vms.runtime.stop(handle, plan)
+    elapsed = time.monotonic() - started
+    status = await vms.runtime.wait(handle, plan)
+    assert elapsed >= 1.0, f"{status}\n{_diagnostics(plan)}"
+    assert elapsed < 1.0 + 5.0
+    assert status.code == 128 + signal.SIGKILL
+    assert "did not exit within 1000 ms" in plan.log_path.read_text()
+
+
+async def test_stop_quits_paused_vm(vms: VmTracker, server_binary: Path) -> None:
+    # With its vCPUs paused the guest cannot handle the power button, so stop() falls back to QMP quit.
+    plan = make_plan(vms.state_dir, "web-1-kkkkkk", server_binary, grace=1.0)
+    handle = await vms.boot_ready(plan)
+    await qmp_execute(plan.instance_dir / "qmp.sock", "stop")
+    started = time.monotonic()
+    await vms.runtime.stop(handle, plan)
+    elapsed = time.monotonic() - started
+    status = await vms.runtime.wait(handle, plan)
+    assert elapsed >= 1.0 + POWEROFF_MARGIN
+    assert elapsed < 1.0 + POWEROFF_MARGIN + QUIT_TIMEOUT
+    assert status.code is None
+    assert "QEMU quit through QMP" in status.reason
+
+
+async def test_stop_without_qmp_uses_agent(vms: VmTracker, server_binary: Path) -> None:
+    plan = make_plan(vms.state_dir, "web-1-llllll", server_binary)
+    handle = await vms.boot_ready(plan)
+    (plan.instance_dir / "qmp.sock").unlink()
+    await vms.runtime.stop(handle, plan)
+    status = await vms.runtime.wait(handle, plan)
+    assert status.code == 128 + signal.SIGTERM
+    assert "shutdown requested by the host" in plan.log_path.read_text()
+
+
+async def test_namespace_mode_forwards_on_instance_address(vms: VmTracker, server_binary: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and the ip command (Debian package iproute2)")
+    plan = make_plan(vms.state_dir, "web-1-mmmmmm", server_binary)
+    addressing = addressing_for(0, free_subnet_pool())
+    plan = dataclasses.replace(plan, netns_name=InstanceNetwork(plan.instance_id, None).netns_name, addressing=addressing)
+    handle = await vms.boot_ready(plan)
+    # QEMU runs in the instance's namespace: both paths name the same namespace inode.
+    assert os.stat(f"/proc/{handle.pid}/ns/net").st_ino == os.stat(f"/run/netns/{plan.netns_name}").st_ino
+    port = int(plan.env["OSVM_PORT_HTTP"])
+    response = await asyncio.to_thread(_http_get, port, addressing.instance_address)
+    assert response.startswith(b"HTTP/1.1 200 OK")
+    await vms.runtime.stop(handle, plan)
+    await vms.runtime.wait(handle, plan)
+    await vms.runtime.cleanup(plan)
+    assert InstanceNetwork.open(plan.instance_id) is None
+
+
+async def test_killed_qemu_seen_by_wait(vms: VmTracker, server_binary: Path) -> None:
+    plan = make_plan(vms.state_dir, "web-1-cccccc", server_binary)
+    handle = await vms.boot(plan)
+    waiter = asyncio.create_task(vms.runtime.wait(handle, plan))
+    await asyncio.sleep(0.5)
+    assert not waiter.done()
+    os.kill(handle.pid, signal.SIGKILL)
+    status = await asyncio.wait_for(waiter, 10)
+    assert status.code == 137
+    assert "QEMU was killed by SIGKILL" in status.reason
+
+
+async def test_component_exit_powers_off(vms: VmTracker, server_binary: Path) -> None:
+    plan = make_plan(vms.state_dir, "web-1-dddddd", server_binary, command="echo goodbye; exit 3")
+    handle = await vms.boot(plan)
+    status = await asyncio.wait_for(vms.runtime.wait(handle, plan), READY_TIMEOUT)
+    assert status.code == 3
+    assert "the component exited with status 3" in status.reason
+    assert "goodbye" in plan.log_path.read_text()
+
+
+async def test_missing_program_reports_failure(vms: VmTracker, server_binary: Path) -> None:
+    plan = make_plan(vms.state_dir, "web-1-eeeeee", server_binary, command=["/app/not-there"])
+    handle = await vms.boot(plan)
+    status = await asyncio.wait_for(vms.runtime.wait(handle, plan), READY_TIMEOUT)
+    assert status.code == 127
+    assert "cannot run /app/not-there" in plan.log_path.read_text()
+
+
+async def test_adopt_after_daemon_restart(vms: VmTracker, server_binary: Path) -> None:
+    plan = make_plan(vms.state_dir, "web-1-ffffff", server_binary)
+    handle = await vms.boot_ready(plan)
+    first_session = handle.extra["agent"]
+    await first_session.close()
+
+    restarted = MicroVmRuntime(vms.state_dir, image_cache=IMAGE_CACHE)
+    adopted = restarted.adopt(plan, handle.pid, handle.start_time)
+    assert adopted is not None
+    assert adopted.adopted
+    assert await restarted.wait_ready(adopted, 10.0)
+    code, output = await asyncio.to_thread(run_in_guest, str(plan.instance_dir / "exec.sock"), ["echo", "adopted"], 30.0)
+    assert (code, output) == (0, b"adopted\n")
+
+    assert restarted.adopt(plan, handle.pid, handle.start_time + 1) is None
+
+    await restarted.stop(adopted, plan)
+    status = await restarted.wait(adopted, plan)
+    assert status.code == 128 + signal.SIGTERM
+    vms.started.append((adopted, plan))
+
+
+async def test_ext4_root_with_overlay(vms: VmTracker, server_binary: Path) -> None:
+    plan = make_plan(vms.state_dir, "web-1-gggggg", server_binary, image_format="ext4")
+    handle = await vms.boot_ready(plan)
+    overlay = plan.instance_dir / "root.qcow2"
+    assert overlay.exists()
+    port = int(plan.env["OSVM_PORT_HTTP"])
+    assert (await asyncio.to_thread(_http_get, port)).startswith(b"HTTP/1.1 200 OK")
+    code, output = await asyncio.to_thread(
+        run_in_guest, str(plan.instance_dir / "exec.sock"), ["sh", "-c", "grep ' / ' /proc/mounts; echo x > /written"], 30.0
+    )
+    assert code == 0
+    assert b"/dev/vda / ext4" in output
+    await vms.runtime.stop(handle, plan)
+    await vms.runtime.wait(handle, plan)
+    await vms.runtime.cleanup(plan)
+    assert not overlay.exists()
+
+
+async def test_echo_and_abandoned_exec(vms: VmTracker, server_binary: Path) -> None:
+    plan = make_plan(vms.state_dir, "web-1-hhhhhh", server_binary)
+    handle = await vms.boot_ready(plan)
+    exec_socket = str(plan.instance_dir / "exec.sock")
+    payload = os.urandom(64)
+    assert await asyncio.to_thread(echo, exec_socket, payload) == payload
+    assert await handle.extra["agent"].echo(payload) == payload
+
+    # A client that goes away without sending keepalives, as a killed probe helper does.
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(exec_socket)
+        client.sendall(encode_exec(4242, ["sleep", "600"], 0, 1000))
+        await asyncio.sleep(0.5)
+    code, output = await asyncio.to_thread(run_in_guest, exec_socket, ["sh", "-c", "sleep 3; ps"], 30.0)
+    assert code == 0
+    assert b"sleep 600" not in output
+    await vms.runtime.stop(handle, plan)
+    await vms.runtime.wait(handle, plan)
+
+
+@pytest.mark.skipif(os.environ.get("OSVM_SLOW_TESTS") != "1", reason="debootstrap takes minutes: set OSVM_SLOW_TESTS=1")
+async def test_debian_ext4_vm_serves_tcp(vms: VmTracker, server_binary: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("debootstrap") is None:
+        pytest.skip("image kind debian needs root and debootstrap (Debian package debootstrap)")
+    plan = make_plan(
+        vms.state_dir, "deb-1-aaaaaa", server_binary,
+        command="while true; do echo served | nc.openbsd -l -N -p $OSVM_PORT_HTTP; done", image_format="ext4",
+    )
+    spec = plan.spec.model_copy(update={"image": ImageSpec(kind="debian", packages=["netcat-openbsd"], format="ext4")})
+    plan = dataclasses.replace(plan, spec=spec)
+    handle = await vms.boot_ready(plan)
+    code, output = await asyncio.to_thread(
+        run_in_guest, str(plan.instance_dir / "exec.sock"), ["sh", "-c", "cat /etc/debian_version; grep ' / ' /proc/mounts"], 30.0
+    )
+    assert code == 0
+    assert b"/dev/vda / ext4" in output
+    assert await asyncio.to_thread(_tcp_read, int(plan.env["OSVM_PORT_HTTP"])) == b"served\n"
+    await vms.runtime.stop(handle, plan)
+    status = await vms.runtime.wait(handle, plan)
+    assert status.code == 128 + signal.SIGTERM
+
+
+def test_documented_deployment_is_valid() -> None:
+    document = (Path(__file__).parent.parent / "docs" / "microvm.md").read_text()
+    example = document.split("```toml\n", 1)[1].split("```", 1)[0]
+    deployment = parse_deployment(example, "docs/microvm.md")
+    component = deployment.components["rpc"]
+    assert component.runtime == "microvm"
+    assert component.vm is not None
+    assert component.image is not None
+    assert component.image.kind == "binary"
+
+
+def test_guest_argv_maps_host_binary(server_binary: Path, tmp_path: Path) -> None:
+    plan = make_plan(tmp_path, "web-1-iiiiii", server_binary)
+    assert guest_argv(plan.spec, [str(server_binary), "--flag"]) == ["/app/server", "--flag"]
+    assert guest_argv(plan.spec, ["/bin/sh", "-c", "x"]) == ["/bin/sh", "-c", "x"]
+
+
+def test_guest_env_replaces_host_paths(server_binary: Path, tmp_path: Path) -> None:
+    plan = make_plan(tmp_path, "web-1-jjjjjj", server_binary)
+    env = guest_env(plan.env)
+    assert env["OSVM_DATA_DIR"] == "/data"
+    assert env["HOME"] == "/data"
+    assert env["OSVM_PORT_HTTP"] == plan.env["OSVM_PORT_HTTP"]
+    assert "/app" in env["PATH"].split(":")
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _http_get(port: int, host: str = "127.0.0.1") -> bytes:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=5) as connection:
+                connection.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+                data = b""
+                while chunk := connection.recv(4096):
+                    data += chunk
+                if data:
+                    return data
+        except OSError:
+            pass
+        # hostfwd accepts before the guest listens and then closes, so retry until the server responds.
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no HTTP response on {host}:{port} within 30 s")
+        time.sleep(0.1)
+
+
+def _tcp_read(port: int) -> bytes:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+                data = connection.recv(100)
+                if data:
+                    return data
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"nothing to read on 127.0.0.1:{port} within 30 s")
+
+
+def _remove_cgroup_parent(runtime: MicroVmRuntime) -> None:
+    """Remove the empty cgroup parent directories of the test's state directory, which runtimes keep."""
+    if runtime.cgroup_layout is None:
+        return
+    roots = [Path(DEFAULT_ROOT) / controller for controller in CONTROLLERS] if runtime.cgroup_layout == "v1" else [Path(DEFAULT_ROOT)]
+    for root in roots:
+        try:
+            (root / runtime.cgroup_parent).rmdir()
+        except FileNotFoundError:
+            pass
+
+
+def _qemu_pids(instance_id: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"osvm-{instance_id}".encode() in cmdline and b"qemu-system" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def _diagnostics(plan: LaunchPlan) -> str:
+    parts = []
+    for name in ("serial.log", "qemu.log", "output.log"):
+        path = plan.instance_dir / name
+        if path.exists():
+            parts.append(f"--- {name} ---\n{path.read_text(errors='replace')[-3000:]}")
+    return "\n".join(parts)
