@@ -362,6 +362,62 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     return OK if result["allowed"] else FAILED
 
 
+def cmd_image(args: argparse.Namespace) -> int:
+    from osvm.images import ImageError, build_image, list_images, remove_image
+
+    cache = _state_dir(args) / "images"
+    if args.image_action == "build":
+        deployment = _load(args.file, args.json)
+        if deployment is None:
+            return FAILED
+        names = [args.component] if args.component else [n for n, c in deployment.components.items() if c.image is not None]
+        if not names:
+            _error(f"{args.file}: no component has an [image] table")
+            return FAILED
+        built = []
+        for name in names:
+            component = deployment.components.get(name)
+            if component is None or component.image is None:
+                _error(f"{args.file}: component {name!r} has no [image] table")
+                return FAILED
+            if not args.json:
+                print(f"{name}: building a {component.image.kind} image ({component.image.format})", flush=True)
+            try:
+                image = build_image(component.image, Path(args.file).absolute().parent, cache)
+            except Exception as error:  # noqa: BLE001 - an image build fails in many tools; report the reason.
+                _error(f"{name}: cannot build the image: {error}")
+                return FAILED
+            built.append({"component": name, "digest": image.digest, "directory": str(image.directory)})
+            if not args.json:
+                print(f"{name}: image {image.short_digest} in {image.directory}")
+        if args.json:
+            _print_json({"images": built})
+        return OK
+    if args.image_action == "ls":
+        images = list_images(cache)
+        if args.json:
+            _print_json({"images": [{"digest": i.digest, "kind": i.kind, "format": i.format, "size": i.size, "created": i.created} for i in images]})
+            return OK
+        rows = [
+            [i.short_digest, i.kind, i.format, f"{i.size / 1048576:.1f} MiB", time.strftime("%Y-%m-%d %H:%M", time.localtime(i.created))]
+            for i in images
+        ]
+        print(table(["IMAGE", "KIND", "FORMAT", "SIZE", "CREATED"], rows) if rows else f"no images in {cache}")
+        return OK
+    if args.image_action == "rm":
+        try:
+            image = remove_image(cache, args.digest)
+        except ImageError as error:
+            _error(str(error))
+            return FAILED
+        if args.json:
+            _print_json({"removed": image.digest})
+        else:
+            print(f"removed image {image.short_digest}")
+        return OK
+    return USAGE
+
+
 def cmd_revisions(args: argparse.Namespace) -> int:
     result = _client(args).get(f"/v1/components/{args.component}/revisions")
     if args.json:
@@ -612,6 +668,16 @@ def _build_parser() -> argparse.ArgumentParser:
     ca_rotate = ca_actions.add_parser("rotate", parents=[common], help="make a new intermediate signed by the root")
     ca_rotate.add_argument("--root-key", metavar="PATH", help="the offline root key, when `ca init --root-out` was used")
     ca.set_defaults(handler=cmd_ca)
+
+    image = commands.add_parser("image", parents=[common], help="guest images for runtime \"microvm\"")
+    image_actions = image.add_subparsers(dest="image_action", metavar="ACTION", required=True)
+    image_build = image_actions.add_parser("build", parents=[common], help="build (or find in the cache) the images of a deployment file")
+    image_build.add_argument("file", help="deployment file (TOML)")
+    image_build.add_argument("component", nargs="?", help="only this component's image")
+    image_actions.add_parser("ls", parents=[common], help="list cached images")
+    image_rm = image_actions.add_parser("rm", parents=[common], help="remove a cached image")
+    image_rm.add_argument("digest", help="image digest or a unique prefix of it")
+    image.set_defaults(handler=cmd_image)
 
     revisions = commands.add_parser("revisions", parents=[common], help="list the stored revisions of a component")
     revisions.add_argument("component")

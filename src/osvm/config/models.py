@@ -588,6 +588,9 @@ class Component(StrictModel):
                 probe = probe.model_copy(update={"command": command})
             probes.append(probe)
         update["probes"] = probes
+        if self.image is not None and self.image.path and not self.image.path.startswith("/"):
+            path = os.path.normpath(os.path.join(base_dir, self.image.path))
+            update["image"] = self.image.model_copy(update={"path": path})
         return self.model_copy(update=update)
 
     def spec_hash(self) -> str:

@@ -4,6 +4,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -57,6 +58,7 @@ class Daemon:
         self.reconciler = Reconciler(
             self.store, self.events, self.runtime, self.state_dir, self.subnet_pool, dict(os.environ)
         )
+        self._add_microvm_runtime()
         self.certificates = CertificateManager(self.state_dir / "ca", self.events)
         try:
             self.certificates.open()
@@ -119,6 +121,16 @@ class Daemon:
     def request_shutdown(self, reason: str) -> None:
         self._shutdown_reason = reason
         self._shutdown.set()
+
+    def _add_microvm_runtime(self) -> None:
+        """Offer runtime "microvm" when QEMU is installed; say why not otherwise."""
+        if shutil.which("qemu-system-x86_64") is None:
+            logger.info("runtime microvm is off: qemu-system-x86_64 is not installed (Debian package qemu-system-x86)")
+            return
+        from osvm.runtimes.microvm import MicroVmRuntime
+
+        self.reconciler.runtimes["microvm"] = MicroVmRuntime(self.state_dir)
+        logger.info("runtime microvm is on (QEMU)")
 
     def _count_refusal(self, component: str, reason: str) -> None:
         source = reason.split(" access to ", 1)[0].rsplit("/", 1)[-1] if reason.startswith("policy denies") else "unknown"

@@ -186,6 +186,11 @@ class Reconciler:
                     f"component {name}: runtime {spec.runtime!r} is not available on this daemon "
                     f"(available: {available}): see docs/microvm.md for what it needs"
                 )
+            if spec.runtime == "microvm" and spec.vm is not None and spec.vm.vmm == "firecracker":
+                raise ApplyError(
+                    f"component {name}: vm.vmm \"firecracker\" is not available in the daemon yet (its driver is "
+                    f"tested only against an API simulator): use vmm = \"qemu\""
+                )
             if self.runtime.isolated and spec.runtime == "process":
                 try:
                     find_user(spec.user or DEFAULT_USER)

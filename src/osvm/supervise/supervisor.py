@@ -296,6 +296,9 @@ class InstanceSupervisor:
         self.on_change(self.record)
 
     def _isolation_summary(self) -> str:
+        describe = getattr(self.runtime, "describe_isolation", None)
+        if describe is not None:
+            return str(describe(self.plan))
         if not self.runtime.isolated:
             return "not isolated"
         parts = ["pid/mount/uts/ipc namespaces", f"user {self.plan.spec.user or 'osvm'}"]
