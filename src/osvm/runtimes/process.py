@@ -166,7 +166,8 @@ class ProcessRuntime:
                 "instance %s of %s did not exit within %.1fs of %s: sending SIGKILL",
                 plan.instance_id, plan.component, plan.spec.stop_grace_period, stop_signal.name,
             )
-        self._kill_everything(handle, plan)
+        # The cgroup kill loop sleeps between passes, so it runs in a thread, away from the endpoints.
+        await asyncio.to_thread(self._kill_everything, handle, plan)
         await self._wait_gone(handle, KILL_TIMEOUT)
 
     def adopt(self, plan: LaunchPlan, pid: int, start_time: int) -> ProcessHandle | None:
