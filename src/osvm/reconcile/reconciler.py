@@ -6,8 +6,10 @@ no longer desired, stops what is no longer wanted, and adopts or replaces instan
 
 import asyncio
 import logging
+import os
 import re
 import resource
+import shutil
 import secrets
 import time
 from pathlib import Path
@@ -197,6 +199,8 @@ class Reconciler:
                 except SandboxError as error:
                     raise ApplyError(f"component {name}: {error}") from None
             _check_open_files(name, spec.resources.open_files)
+            if spec.runtime == "process":
+                _check_program(name, spec, self.environ.get("PATH", _DEFAULT_PATH))
             known = (set(_PASSED_ENV) & set(self.environ)) | set(spec.env) | {
                 "OSVM_COMPONENT", "OSVM_INSTANCE", "OSVM_REVISION", "OSVM_ADDRESS", "OSVM_DATA_DIR", "PATH", "HOME",
                 "OSVM_GATEWAY", "OSVM_TLS_CERT", "OSVM_TLS_KEY", "OSVM_TLS_CA",
@@ -690,6 +694,19 @@ class Reconciler:
         return any(
             supervisor.healthy for supervisor in self.supervisors.values() if supervisor.record.component == name
         )
+
+
+def _check_program(name: str, spec: Component, search_path: str) -> None:
+    """Reject a command whose program does not exist on the host, before anything starts."""
+    program = spec.argv()[0]
+    if "${" in program:
+        return
+    if "/" in program:
+        if not os.path.exists(program):
+            raise ApplyError(f"component {name}: program {program!r} not found: check the path in command")
+        return
+    if shutil.which(program, path=spec.env.get("PATH", search_path)) is None:
+        raise ApplyError(f"component {name}: program {program!r} not found on PATH: write its absolute path in command")
 
 
 def _check_open_files(name: str, open_files: int | None) -> None:

@@ -420,4 +420,8 @@ def _describe_exit(code: int | None, oom_killed: bool) -> str:
         except ValueError:
             name = f"signal {code - 128}"
         return f"killed by {name}"
+    if code == 127:
+        return "exited with status 127: the command was not found (check its path, and that the component's user can reach it)"
+    if code == 126:
+        return "exited with status 126: the command is not executable by the component's user"
     return f"exited with status {code}"
