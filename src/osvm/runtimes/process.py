@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 from osvm.runtimes import procinfo
+from osvm.runtimes.exitwatch import watch_exit
 from osvm.runtimes.base import ExitStatus, LaunchPlan, ProcessHandle
 from osvm.runtimes.netns import InstanceNetwork, NetworkError
 from osvm.runtimes.cgroups import Cgroup, CgroupError, CgroupLimits, detect_layout, remove_parent
@@ -126,7 +127,7 @@ class ProcessRuntime:
         start_time = procinfo.start_time(process.pid) or 0
         handle = ProcessHandle(pid=process.pid, start_time=start_time)
         handle.extra["popen"] = process
-        handle.extra["exited"] = _watch_exit(process.pid)
+        handle.extra["exited"] = watch_exit(process.pid)
         logger.info("started instance %s of %s: pid %d", plan.instance_id, plan.component, process.pid)
         return handle
 
@@ -183,7 +184,7 @@ class ProcessRuntime:
             if cgroup is None or not cgroup.contains(pid):
                 logger.warning("pid %d is not in the cgroup of instance %s: not adopting it", pid, plan.instance_id)
                 return None
-        exited = _watch_exit(pid)
+        exited = watch_exit(pid)
         if exited.done():
             return None
         handle = ProcessHandle(pid=pid, start_time=start_time, adopted=True)
@@ -346,30 +347,6 @@ def cgroup_parent_for(state_dir: Path) -> str:
     if state_dir == Path("/var/lib/osvm"):
         return "osvm"
     return "osvm-" + hashlib.sha1(str(state_dir).encode()).hexdigest()[:8]
-
-
-def _watch_exit(pid: int) -> "asyncio.Future[None]":
-    """Return a future that completes when the process exits, seen through a pidfd without polling.
-
-    The pidfd becomes readable when the process exits. One reader per process owns the pidfd, and
-    every waiter shares its future.
-    """
-    loop = asyncio.get_running_loop()
-    exited: asyncio.Future[None] = loop.create_future()
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        exited.set_result(None)
-        return exited
-
-    def on_exit() -> None:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-        if not exited.done():
-            exited.set_result(None)
-
-    loop.add_reader(pidfd, on_exit)
-    return exited
 
 
 def _read_sandbox_status(path: Path) -> dict[str, object]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from osvm.config.models import Component, VmSettings
 from osvm.runtimes import procinfo
 from osvm.runtimes.base import ExitStatus, LaunchPlan, ProcessHandle
+from osvm.runtimes.exitwatch import watch_exit
 from osvm.runtimes.firecracker.client import FirecrackerClient, FirecrackerError, FirecrackerUnavailable
 from osvm.runtimes.firecracker.vm import MAX_VCPUS, Drive, FirecrackerVm, NetworkInterface, VmConfig, VsockDevice
 from osvm.store import Store
@@ -186,7 +187,7 @@ class FirecrackerRuntime:
         if _INSTANCE_ID_PATTERN.match(plan.instance_id):
             argv += ["--id", plan.instance_id]
         process = self._spawn(argv, plan)
-        exited = _watch_exit(process.pid)
+        exited = watch_exit(process.pid)
         vm = FirecrackerVm(FirecrackerClient(api_socket), process.pid, exited)
         try:
             await self._wait_for_api(vm, process, plan)
@@ -247,7 +248,7 @@ class FirecrackerRuntime:
         if api_socket not in _command_line(pid):
             logger.warning("pid %d does not serve %s: not adopting it as instance %s", pid, api_socket, plan.instance_id)
             return None
-        exited = _watch_exit(pid)
+        exited = watch_exit(pid)
         if exited.done():
             return None
         vm = FirecrackerVm(FirecrackerClient(api_socket), pid, exited)
@@ -354,29 +355,6 @@ class FirecrackerRuntime:
         vm = self._vms.pop(instance_id, None)
         if vm is not None:
             await vm.client.aclose()
-
-
-def _watch_exit(pid: int) -> "asyncio.Future[None]":
-    """Return a future that completes when the process exits, seen through a pidfd without polling.
-
-    This is the same mechanism as in runtimes/process.py.
-    """
-    loop = asyncio.get_running_loop()
-    exited: asyncio.Future[None] = loop.create_future()
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        exited.set_result(None)
-        return exited
-
-    def on_exit() -> None:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-        if not exited.done():
-            exited.set_result(None)
-
-    loop.add_reader(pidfd, on_exit)
-    return exited
 
 
 def _command_line(pid: int) -> list[str]:

@@ -36,7 +36,8 @@ from osvm.runtimes.microvm.qemu import (
 )
 from osvm.runtimes.microvm.qmp import QmpFailure, qmp_execute, qmp_execute_blocking
 from osvm.runtimes.netns import InstanceNetwork, NetworkError
-from osvm.runtimes.process import _watch_exit, cgroup_parent_for
+from osvm.runtimes.exitwatch import watch_exit
+from osvm.runtimes.process import cgroup_parent_for
 from osvm.runtimes.sandbox import SandboxError, find_user
 
 logger = logging.getLogger("osvm.runtimes.microvm")
@@ -398,7 +399,7 @@ class MicroVmRuntime:
         )
 
     def _attach(self, handle: ProcessHandle, plan: LaunchPlan, config: QemuConfig) -> None:
-        exited = _watch_exit(handle.pid)
+        exited = watch_exit(handle.pid)
         handle.extra["exited"] = exited
         session = AgentSession(config.agent_socket, _start_frame(plan), plan.instance_id)
         session.start(exited)
