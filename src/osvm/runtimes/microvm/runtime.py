@@ -39,6 +39,7 @@ from osvm.runtimes.netns import InstanceNetwork, NetworkError
 from osvm.runtimes.exitwatch import watch_exit
 from osvm.runtimes.process import cgroup_parent_for
 from osvm.runtimes.sandbox import SandboxError, find_user
+from osvm.security.firewall import FirewallError, NamespaceFirewall
 
 logger = logging.getLogger("osvm.runtimes.microvm")
 
@@ -446,9 +447,22 @@ class MicroVmRuntime:
         if existing is not None:
             existing.remove()
         try:
-            InstanceNetwork.create(plan.instance_id, plan.addressing)
+            network = InstanceNetwork.create(plan.instance_id, plan.addressing)
         except NetworkError as error:
             raise MicroVmError(f"cannot create the network namespace of instance {plan.instance_id}: {error}") from None
+        # QEMU's user network runs in this namespace, so the guest's outbound connections and the
+        # forwarded ports pass this firewall, as a process instance's connections do.
+        if plan.firewall is not None:
+            ingress, egress = plan.firewall
+            try:
+                NamespaceFirewall(network.netns_name).apply(ingress, egress)
+            except FirewallError as error:
+                network.remove()
+                raise MicroVmError(f"cannot load the firewall of instance {plan.instance_id}: {error}") from None
+            logger.info(
+                "firewall of instance %s: default drop, %d ingress and %d egress rules",
+                plan.instance_id, len(ingress), len(egress),
+            )
 
     def _create_cgroup(self, plan: LaunchPlan, vm: VmSettings) -> None:
         memory = vm.memory + QEMU_MEMORY_OVERHEAD
