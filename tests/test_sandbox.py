@@ -28,6 +28,40 @@ def test_script_argument_under_tmp_stays_visible(tmp_path: Path) -> None:
     assert shown == [Path("/tmp") / tmp_path.relative_to("/tmp").parts[0]]
 
 
+def test_data_arguments_stay_hidden(tmp_path: Path) -> None:
+    data = tmp_path / "data.json"
+    data.write_text("{}")
+
+    shown = _paths_under_private_dirs(["/usr/bin/python3", "-c", "print(1)", str(data)], None)
+
+    assert shown == []
+
+
+def test_state_dir_hidden_inside_bound_tree(tmp_path: Path) -> None:
+    script = tmp_path / "server.py"
+    script.write_text("")
+    state_dir = tmp_path / "state"
+
+    argv = build_sandbox_argv(
+        ["/usr/bin/python3", str(script)],
+        hostname="x",
+        user=USER,
+        data_dir=state_dir / "data" / "x-1-abc",
+        workdir=None,
+        hidden_dirs=[state_dir],
+        procs_files=[],
+        netns_path=None,
+        open_files=None,
+    )
+
+    top = str(Path("/tmp") / tmp_path.relative_to("/tmp").parts[0])
+    bind = argv.index(top)
+    hide = argv.index(str(state_dir))
+    assert argv[bind - 1] == "--ro-bind"
+    assert argv[hide - 1] == "--tmpfs"
+    assert bind < hide
+
+
 def test_missing_or_system_paths_add_nothing() -> None:
     assert _paths_under_private_dirs(["/usr/bin/python3", "/tmp/does-not-exist-osvm"], "/tmp") == []
 

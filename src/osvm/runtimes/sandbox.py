@@ -98,6 +98,10 @@ def build_sandbox_argv(
         "--perms", "1777", "--tmpfs", "/tmp",
         "--perms", "1777", "--tmpfs", "/var/tmp",
     ]
+    # Bound before the hidden directories are covered, so a state directory inside a bound tree
+    # stays hidden.
+    for shown in _paths_under_private_dirs(argv, workdir):
+        chain += ["--ro-bind", str(shown), str(shown)]
     for hidden in hidden_dirs:
         chain += ["--tmpfs", str(hidden)]
         # bwrap 0.8 creates missing parents of a bind destination with mode 0700, which the
@@ -107,8 +111,6 @@ def build_sandbox_argv(
             if parent != hidden and parent.is_relative_to(hidden):
                 chain += ["--perms", "0755", "--dir", str(parent)]
     chain += ["--bind", str(data_dir), str(data_dir)]
-    for shown in _paths_under_private_dirs(argv, workdir):
-        chain += ["--ro-bind", str(shown), str(shown)]
     chain += [
         "--unshare-pid",
         "--unshare-ipc",
@@ -137,11 +139,16 @@ def build_sandbox_argv(
 def _paths_under_private_dirs(argv: list[str], workdir: str | None) -> list[Path]:
     """Return the host directories the command needs that the private /tmp would hide.
 
-    A program, script or working directory under /tmp (a checkout there, say) stays visible, read
-    only: the top directory below /tmp that contains it is bound into the sandbox.
+    A program, a script given as its first argument, or the working directory under /tmp (a
+    checkout there, say) stays visible, read only: the top directory below /tmp that contains it
+    is bound into the sandbox.
     """
     shown: list[Path] = []
-    candidates = [element for element in argv if element.startswith("/")]
+    # The program, and a script given as the first argument (python3 /tmp/x/server.py). Other
+    # arguments are data, and a path there is no reason to show a directory.
+    candidates = [argv[0]] if argv and argv[0].startswith("/") else []
+    if len(argv) > 1 and argv[1].startswith("/") and Path(argv[1]).is_file():
+        candidates.append(argv[1])
     if workdir:
         candidates.append(workdir)
     for candidate in candidates:
