@@ -410,7 +410,9 @@ def test_down_removes_vm_resources(vm_osvm: Osvm, server_binary: Path) -> None:
     assert rpc_call(port)["result"] == "1"
     assert instance["address"] != "127.0.0.1"
     assert (instance_dir / "root.qcow2").exists()
-    assert sorted(path.name for path in instance_dir.glob("*.sock")) == ["agent.sock", "exec.sock", "qmp.sock"]
+    assert sorted(path.name for path in instance_dir.glob("*.sock")) == [
+        "agent.sock", "exec.sock", "qmp.sock", "vsock-port.sock", "vsock.sock",
+    ]
     assert NETNS_PREFIX + instance["id"] in netns_names()
     assert HOST_IFNAME_PREFIX + short_id(instance["id"]) in link_names()
     assert qemu_processes(vm_osvm)

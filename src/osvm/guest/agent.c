@@ -6,9 +6,11 @@
  * network. Then it waits on the virtio-serial port "osvm.agent" for the host's START message
  * with the component's argv and environment. The component's stdout and stderr go to the port "osvm.log",
  * which QEMU appends to the instance's output.log. Exec probes arrive on "osvm.exec" (or on
- * "osvm.agent"). A SHUTDOWN message, the ACPI power button, SIGTERM or SIGPWR stop the component
- * with its stop signal, then SIGKILL after the grace period, then power the VM off. When the
- * component exits on its own, the agent powers the VM off too, so QEMU's exit is the instance's exit.
+ * "osvm.agent"). The port "osvm.vsock" carries host streams to guest TCP listeners, using the
+ * multiplexer protocol of docs/firecracker.md. A SHUTDOWN message, the ACPI power button, SIGTERM
+ * or SIGPWR stop the component with its stop signal, then SIGKILL after the grace period, then
+ * power the VM off. When the component exits on its own, the agent powers the VM off too, so
+ * QEMU's exit is the instance's exit.
  *
  * The wire format is described in src/osvm/runtimes/microvm/protocol.py, which must stay in step
  * with the constants below.
@@ -24,6 +26,7 @@
 #include <net/if.h>
 #include <net/route.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -116,6 +119,8 @@ struct exec_job {
 
 static struct channel control = {.name = "osvm.agent", .fd = -1};
 static struct channel exec_channel = {.name = "osvm.exec", .fd = -1};
+/* The port of the vsock multiplexer, whose frames differ from the agent protocol's. */
+static struct channel vsock_port = {.name = "osvm.vsock", .fd = -1};
 static int log_fd = -1;
 static struct buffer log_pending;
 static unsigned long log_dropped;
@@ -292,7 +297,13 @@ static void free_string_list(char **list) {
     free(list);
 }
 
+static void vsock_flush_port(void);
+
 static void flush_channel(struct channel *channel) {
+    if (channel == &vsock_port) {
+        vsock_flush_port();
+        return;
+    }
     while (channel->connected && channel->out.len >= HEADER_SIZE) {
         uint32_t payload_len;
         memcpy(&payload_len, channel->out.data + 4, 4);
@@ -567,11 +578,11 @@ static const char *find_port(const char *wanted) {
 static void open_ports(void) {
     /* Ports appear after the host's control messages, a little after virtio_console loads. */
     int64_t deadline = now_ms() + DEVICE_WAIT_MS;
-    const char *names[] = {"osvm.agent", "osvm.exec", "osvm.log"};
-    char *paths[3] = {NULL, NULL, NULL};
+    const char *names[] = {"osvm.agent", "osvm.exec", "osvm.log", "osvm.vsock"};
+    char *paths[4] = {NULL, NULL, NULL, NULL};
     while (now_ms() < deadline) {
         int missing = 0;
-        for (int i = 0; i < 3; i++) {
+        for (int i = 0; i < 4; i++) {
             if (paths[i] != NULL)
                 continue;
             const char *found = find_port(names[i]);
@@ -584,7 +595,7 @@ static void open_ports(void) {
             break;
         sleep_ms(2);
     }
-    const char *control_path = paths[0], *exec_path = paths[1], *log_path = paths[2];
+    const char *control_path = paths[0], *exec_path = paths[1], *log_path = paths[2], *vsock_path = paths[3];
     if (log_path) {
         log_fd = open(log_path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
         if (log_fd < 0)
@@ -592,9 +603,9 @@ static void open_ports(void) {
     } else {
         say("port osvm.log not found: component output goes to the console");
     }
-    struct channel *channels[] = {&control, &exec_channel};
-    const char *channel_paths[] = {control_path, exec_path};
-    for (int i = 0; i < 2; i++) {
+    struct channel *channels[] = {&control, &exec_channel, &vsock_port};
+    const char *channel_paths[] = {control_path, exec_path, vsock_path};
+    for (int i = 0; i < 3; i++) {
         if (channel_paths[i] == NULL) {
             say("port %s not found", channels[i]->name);
             continue;
@@ -1027,6 +1038,481 @@ static void parse_frames(struct channel *channel) {
     }
 }
 
+/* --- vsock multiplexer: host streams to guest TCP listeners ------------------------------- */
+
+/*
+ * The port "osvm.vsock" carries the guest side of the multiplexer protocol in docs/firecracker.md,
+ * whose host side is osvm.vsock.HybridVsockMux. For each OPEN(port, window) from the host the
+ * agent connects to 127.0.0.1:<port> in the guest and joins that socket to the channel. Every
+ * frame is a 9-byte header (type u8, channel u32, payload length u32, big-endian) and a payload.
+ * NOTE: guest-initiated streams (OPEN_TO_HOST) are not implemented, so guest programs cannot
+ * reach the host's <uds_path>_<port> listeners.
+ */
+#define VSOCK_HEADER_SIZE 9
+#define VSOCK_MAX_PAYLOAD 65536u
+/* Bytes read from a guest socket per DATA frame. virtio_console takes at most 32 KiB per write(). */
+#define VSOCK_DATA_CHUNK (32u * 1024)
+/* Receive window announced in OPEN_OK: DATA bytes per channel that the agent buffers at most. */
+#define VSOCK_WINDOW (256u * 1024)
+#define MAX_VSOCK_STREAMS 128
+#define VSOCK_CONNECT_TIMEOUT_MS 10000
+/* After the host's CLOSE, how long the agent keeps writing data that already arrived. */
+#define VSOCK_FLUSH_TIMEOUT_MS 10000
+/* Above this many bytes queued for the host, the agent stops reading guest sockets. */
+#define VSOCK_OUT_HIGH_WATER (1u << 20)
+#define VSOCK_GUEST_CHANNEL_BIT 0x80000000u
+#define VSOCK_PROTOCOL_VERSION 1
+
+enum vsock_frame_type {
+    VSOCK_HELLO = 0,
+    VSOCK_OPEN = 1,
+    VSOCK_OPEN_OK = 2,
+    VSOCK_OPEN_FAIL = 3,
+    VSOCK_DATA = 4,
+    VSOCK_CREDIT = 5,
+    VSOCK_EOF = 6,
+    VSOCK_CLOSE = 7,
+    VSOCK_OPEN_TO_HOST = 8,
+};
+
+static const char *const vsock_frame_names[] = {"HELLO", "OPEN", "OPEN_OK", "OPEN_FAIL", "DATA",
+                                                "CREDIT", "EOF", "CLOSE", "OPEN_TO_HOST"};
+/* Payload length of each frame type; DATA (-1) is checked separately. */
+static const int vsock_payload_length[] = {8, 8, 4, 4, -1, 4, 0, 0, 8};
+
+struct vsock_stream {
+    int used;
+    uint32_t id;
+    uint32_t port;
+    /* The guest TCP socket, or -1 once it is closed. */
+    int fd;
+    int connecting;
+    /* The connect timeout, or the flush limit after the host's CLOSE; -1 when neither runs. */
+    int64_t deadline_ms;
+    uint32_t peer_window;
+    /* DATA bytes sent to the host and not yet credited. */
+    uint32_t in_flight;
+    /* DATA from the host not yet written to the guest socket. */
+    struct buffer to_local;
+    /* Bytes written to the guest socket and not yet credited to the host. */
+    uint32_t uncredited;
+    int local_eof;
+    int peer_eof;
+    int shut_down_write;
+    int sent_close;
+    int received_close;
+};
+
+static struct vsock_stream vsock_streams[MAX_VSOCK_STREAMS];
+static int vsock_peer_ready;
+/* Set after a protocol error. Input is then discarded until the host connects again. */
+static int vsock_broken;
+
+static uint32_t load_u32(const uint8_t *data) {
+    uint32_t be;
+    memcpy(&be, data, 4);
+    return ntohl(be);
+}
+
+static void vsock_send(uint8_t type, uint32_t id, const void *payload, size_t len) {
+    if (!vsock_port.connected)
+        return;
+    uint8_t header[VSOCK_HEADER_SIZE];
+    uint32_t be_id = htonl(id), be_len = htonl((uint32_t)len);
+    header[0] = type;
+    memcpy(header + 1, &be_id, 4);
+    memcpy(header + 5, &be_len, 4);
+    buffer_append(&vsock_port.out, header, VSOCK_HEADER_SIZE);
+    if (len)
+        buffer_append(&vsock_port.out, payload, len);
+}
+
+static void vsock_send_u32(uint8_t type, uint32_t id, uint32_t value) {
+    uint32_t be = htonl(value);
+    vsock_send(type, id, &be, 4);
+}
+
+static struct vsock_stream *vsock_find(uint32_t id) {
+    for (int i = 0; i < MAX_VSOCK_STREAMS; i++)
+        if (vsock_streams[i].used && vsock_streams[i].id == id)
+            return &vsock_streams[i];
+    return NULL;
+}
+
+static void vsock_close_local(struct vsock_stream *stream) {
+    if (stream->fd >= 0)
+        close(stream->fd);
+    stream->fd = -1;
+    stream->connecting = 0;
+    stream->deadline_ms = -1;
+}
+
+static void vsock_free(struct vsock_stream *stream) {
+    vsock_close_local(stream);
+    free(stream->to_local.data);
+    memset(stream, 0, sizeof *stream);
+    stream->fd = -1;
+}
+
+/* Close the guest socket and send CLOSE once; the slot is free when the host's CLOSE is in too. */
+static void vsock_finish(struct vsock_stream *stream) {
+    vsock_close_local(stream);
+    if (!stream->sent_close) {
+        stream->sent_close = 1;
+        vsock_send(VSOCK_CLOSE, stream->id, NULL, 0);
+    }
+    if (stream->received_close)
+        vsock_free(stream);
+}
+
+static void vsock_reset(struct vsock_stream *stream, const char *reason) {
+    say("vsock: resetting channel %#x to port %u: %s", stream->id, stream->port, reason);
+    struct linger linger = {.l_onoff = 1, .l_linger = 0};
+    if (stream->fd >= 0)
+        setsockopt(stream->fd, SOL_SOCKET, SO_LINGER, &linger, sizeof linger);
+    vsock_finish(stream);
+}
+
+/* Drop every channel without CLOSE, because the host side no longer knows them. */
+static void vsock_drop_all(void) {
+    for (int i = 0; i < MAX_VSOCK_STREAMS; i++)
+        if (vsock_streams[i].used)
+            vsock_free(&vsock_streams[i]);
+}
+
+static void vsock_protocol_error(const char *format, ...) {
+    char reason[256];
+    va_list args;
+    va_start(args, format);
+    vsnprintf(reason, sizeof reason, format, args);
+    va_end(args);
+    say("vsock: protocol error from the host, dropping every channel until it reconnects: %s", reason);
+    vsock_drop_all();
+    vsock_broken = 1;
+    vsock_peer_ready = 0;
+}
+
+static void vsock_open(uint32_t id, uint32_t port, uint32_t window) {
+    if (id & VSOCK_GUEST_CHANNEL_BIT) {
+        vsock_protocol_error("OPEN uses channel id %#x, which belongs to the guest", id);
+        return;
+    }
+    if (vsock_find(id)) {
+        vsock_protocol_error("OPEN reuses channel %#x, which is still open", id);
+        return;
+    }
+    if (window == 0) {
+        vsock_protocol_error("OPEN on channel %#x offers a window of 0 bytes", id);
+        return;
+    }
+    struct vsock_stream *stream = NULL;
+    for (int i = 0; i < MAX_VSOCK_STREAMS && stream == NULL; i++)
+        if (!vsock_streams[i].used)
+            stream = &vsock_streams[i];
+    if (stream == NULL) {
+        vsock_send_u32(VSOCK_OPEN_FAIL, id, EMFILE);
+        return;
+    }
+    /* TCP ports are 16-bit, so nothing can listen on a larger vsock port. */
+    if (port > 65535) {
+        vsock_send_u32(VSOCK_OPEN_FAIL, id, ECONNREFUSED);
+        return;
+    }
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        vsock_send_u32(VSOCK_OPEN_FAIL, id, (uint32_t)errno);
+        return;
+    }
+    /* The host batches the stream already, so Nagle's algorithm would only delay small requests. */
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    struct sockaddr_in address = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    int result = connect(fd, (struct sockaddr *)&address, sizeof address);
+    if (result != 0 && errno != EINPROGRESS) {
+        vsock_send_u32(VSOCK_OPEN_FAIL, id, (uint32_t)errno);
+        close(fd);
+        return;
+    }
+    *stream = (struct vsock_stream){.used = 1, .id = id, .port = port, .fd = fd, .peer_window = window};
+    stream->deadline_ms = -1;
+    if (result != 0) {
+        stream->connecting = 1;
+        stream->deadline_ms = now_ms() + VSOCK_CONNECT_TIMEOUT_MS;
+        return;
+    }
+    vsock_send_u32(VSOCK_OPEN_OK, id, VSOCK_WINDOW);
+}
+
+/* Send OPEN_OK or OPEN_FAIL for a non-blocking connect that finished or timed out. */
+static void vsock_finish_connect(struct vsock_stream *stream, int timed_out) {
+    int error = 0;
+    socklen_t size = sizeof error;
+    if (timed_out)
+        error = ETIMEDOUT;
+    else if (getsockopt(stream->fd, SOL_SOCKET, SO_ERROR, &error, &size) != 0)
+        error = errno;
+    if (error == 0) {
+        stream->connecting = 0;
+        stream->deadline_ms = -1;
+        vsock_send_u32(VSOCK_OPEN_OK, stream->id, VSOCK_WINDOW);
+        return;
+    }
+    vsock_send_u32(VSOCK_OPEN_FAIL, stream->id, (uint32_t)error);
+    vsock_free(stream);
+}
+
+static void vsock_handle_data(struct vsock_stream *stream, const uint8_t *payload, size_t len) {
+    if (stream->sent_close)
+        return;
+    if (stream->connecting) {
+        vsock_protocol_error("DATA on channel %#x before OPEN_OK", stream->id);
+        return;
+    }
+    if (stream->peer_eof) {
+        vsock_reset(stream, "the host sent DATA after EOF");
+        return;
+    }
+    if (stream->to_local.len + stream->uncredited + len > VSOCK_WINDOW) {
+        vsock_reset(stream, "the host sent DATA beyond the window");
+        return;
+    }
+    buffer_append(&stream->to_local, payload, len);
+}
+
+static void vsock_handle_credit(struct vsock_stream *stream, uint32_t credit) {
+    if (stream->sent_close)
+        return;
+    if (credit > stream->in_flight) {
+        vsock_reset(stream, "the host credited more bytes than were sent");
+        return;
+    }
+    stream->in_flight -= credit;
+}
+
+static void vsock_handle_close(struct vsock_stream *stream) {
+    stream->received_close = 1;
+    if (stream->sent_close) {
+        vsock_free(stream);
+        return;
+    }
+    if (stream->connecting) {
+        vsock_protocol_error("CLOSE on channel %#x before OPEN_OK", stream->id);
+        return;
+    }
+    /* Deliver what already arrived, for at most VSOCK_FLUSH_TIMEOUT_MS, then close. */
+    stream->deadline_ms = now_ms() + VSOCK_FLUSH_TIMEOUT_MS;
+}
+
+static void vsock_handle_frame(uint8_t type, uint32_t id, const uint8_t *payload, size_t len) {
+    if (type == VSOCK_HELLO) {
+        if (memcmp(payload, "OSVM", 4) != 0 || load_u32(payload + 4) != VSOCK_PROTOCOL_VERSION) {
+            vsock_protocol_error("HELLO has a wrong magic or version %u, expected OSVM version %d",
+                                 load_u32(payload + 4), VSOCK_PROTOCOL_VERSION);
+            return;
+        }
+        /* A second HELLO means the host side restarted and forgot every channel. */
+        if (vsock_peer_ready)
+            vsock_drop_all();
+        vsock_peer_ready = 1;
+        return;
+    }
+    if (!vsock_peer_ready) {
+        vsock_protocol_error("%s frame before HELLO", vsock_frame_names[type]);
+        return;
+    }
+    if (type == VSOCK_OPEN) {
+        vsock_open(id, load_u32(payload), load_u32(payload + 4));
+        return;
+    }
+    if (type == VSOCK_OPEN_TO_HOST) {
+        vsock_protocol_error("the host sent OPEN_TO_HOST, which only the guest sends");
+        return;
+    }
+    struct vsock_stream *stream = vsock_find(id);
+    if (stream == NULL)
+        return; /* A frame that crossed the agent's CLOSE, or one for a dropped channel. */
+    switch (type) {
+    case VSOCK_OPEN_OK:
+    case VSOCK_OPEN_FAIL:
+        vsock_protocol_error("%s for channel %#x, which the agent did not open", vsock_frame_names[type], id);
+        break;
+    case VSOCK_DATA:
+        vsock_handle_data(stream, payload, len);
+        break;
+    case VSOCK_CREDIT:
+        vsock_handle_credit(stream, load_u32(payload));
+        break;
+    case VSOCK_EOF:
+        stream->peer_eof = 1;
+        break;
+    case VSOCK_CLOSE:
+        vsock_handle_close(stream);
+        break;
+    }
+}
+
+static int vsock_header_valid(uint8_t type, uint32_t id, uint32_t len) {
+    if (type > VSOCK_OPEN_TO_HOST) {
+        vsock_protocol_error("unknown frame type %u on channel %#x", type, id);
+        return 0;
+    }
+    if (type == VSOCK_DATA ? (len < 1 || len > VSOCK_MAX_PAYLOAD) : (int)len != vsock_payload_length[type]) {
+        vsock_protocol_error("%s frame on channel %#x has payload length %u", vsock_frame_names[type], id, len);
+        return 0;
+    }
+    if ((type == VSOCK_HELLO) != (id == 0)) {
+        vsock_protocol_error("%s frame on channel %#x: HELLO and only HELLO uses channel 0",
+                             vsock_frame_names[type], id);
+        return 0;
+    }
+    return 1;
+}
+
+static void vsock_parse(void) {
+    struct buffer *in = &vsock_port.in;
+    size_t offset = 0;
+    while (!vsock_broken && in->len - offset >= VSOCK_HEADER_SIZE) {
+        const uint8_t *header = in->data + offset;
+        uint32_t id = load_u32(header + 1), len = load_u32(header + 5);
+        if (!vsock_header_valid(header[0], id, len))
+            break;
+        if (in->len - offset - VSOCK_HEADER_SIZE < len)
+            break;
+        vsock_handle_frame(header[0], id, header + VSOCK_HEADER_SIZE, len);
+        offset += VSOCK_HEADER_SIZE + len;
+    }
+    if (vsock_broken)
+        in->len = 0;
+    else
+        buffer_consume(in, offset);
+}
+
+static void vsock_on_connected(void) {
+    vsock_drop_all();
+    vsock_port.in.len = 0;
+    vsock_port.out.len = 0;
+    vsock_peer_ready = 0;
+    vsock_broken = 0;
+    uint8_t hello[8] = {'O', 'S', 'V', 'M'};
+    uint32_t version = htonl(VSOCK_PROTOCOL_VERSION);
+    memcpy(hello + 4, &version, 4);
+    vsock_send(VSOCK_HELLO, 0, hello, sizeof hello);
+    vsock_flush_port();
+}
+
+static void vsock_on_disconnected(void) {
+    vsock_drop_all();
+    vsock_port.in.len = 0;
+    vsock_port.out.len = 0;
+    vsock_peer_ready = 0;
+}
+
+/* Write queued frames to the port. The stream has one client, so a write may end inside a frame. */
+static void vsock_flush_port(void) {
+    while (vsock_port.connected && vsock_port.out.len > 0) {
+        size_t chunk = vsock_port.out.len < 32768 ? vsock_port.out.len : 32768;
+        ssize_t n = write(vsock_port.fd, vsock_port.out.data, chunk);
+        if (n > 0) {
+            buffer_consume(&vsock_port.out, (size_t)n);
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        return; /* On EAGAIN, poll waits for POLLOUT. Other errors show up as POLLHUP. */
+    }
+}
+
+static int vsock_wants_read(const struct vsock_stream *stream) {
+    return stream->fd >= 0 && !stream->connecting && !stream->local_eof && !stream->received_close &&
+           !stream->sent_close && stream->in_flight < stream->peer_window &&
+           vsock_port.out.len < VSOCK_OUT_HIGH_WATER;
+}
+
+/* Return the poll events that the stream waits for, 0 when it waits for none. */
+static short vsock_poll_events(const struct vsock_stream *stream) {
+    if (!stream->used || stream->fd < 0)
+        return 0;
+    if (stream->connecting)
+        return POLLOUT;
+    short events = vsock_wants_read(stream) ? POLLIN : 0;
+    if (stream->to_local.len)
+        events |= POLLOUT;
+    return events;
+}
+
+static void vsock_write_local(struct vsock_stream *stream) {
+    while (stream->fd >= 0 && stream->to_local.len > 0) {
+        ssize_t n = send(stream->fd, stream->to_local.data, stream->to_local.len, MSG_NOSIGNAL);
+        if (n > 0) {
+            buffer_consume(&stream->to_local, (size_t)n);
+            stream->uncredited += (uint32_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            break;
+        vsock_reset(stream, strerror(errno));
+        return;
+    }
+    /* Batch credits, but never hold them back once everything is written, or the host stalls. */
+    if (stream->uncredited && (stream->uncredited >= VSOCK_WINDOW / 4 || stream->to_local.len == 0)) {
+        vsock_send_u32(VSOCK_CREDIT, stream->id, stream->uncredited);
+        stream->uncredited = 0;
+    }
+    if (stream->fd >= 0 && stream->peer_eof && stream->to_local.len == 0 && !stream->shut_down_write) {
+        shutdown(stream->fd, SHUT_WR);
+        stream->shut_down_write = 1;
+    }
+}
+
+static void vsock_read_local(struct vsock_stream *stream) {
+    static uint8_t chunk[VSOCK_DATA_CHUNK];
+    while (vsock_wants_read(stream)) {
+        size_t room = stream->peer_window - stream->in_flight;
+        ssize_t n = read(stream->fd, chunk, room < sizeof chunk ? room : sizeof chunk);
+        if (n > 0) {
+            stream->in_flight += (uint32_t)n;
+            vsock_send(VSOCK_DATA, stream->id, chunk, (size_t)n);
+            continue;
+        }
+        if (n == 0) {
+            stream->local_eof = 1;
+            vsock_send(VSOCK_EOF, stream->id, NULL, 0);
+            return;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN)
+            vsock_reset(stream, strerror(errno));
+        return;
+    }
+}
+
+/* Move data for one stream after poll, and close it once both directions ended. */
+static void vsock_service(struct vsock_stream *stream, short revents, int64_t now) {
+    if (!stream->used)
+        return;
+    if (stream->connecting) {
+        if (revents)
+            vsock_finish_connect(stream, 0);
+        else if (now >= stream->deadline_ms)
+            vsock_finish_connect(stream, 1);
+        return;
+    }
+    if (stream->fd >= 0 && (stream->to_local.len || (stream->peer_eof && !stream->shut_down_write)))
+        vsock_write_local(stream);
+    if (stream->used && (revents & (POLLIN | POLLHUP | POLLERR)))
+        vsock_read_local(stream);
+    if (!stream->used || stream->sent_close)
+        return;
+    int both_ended = stream->local_eof && stream->peer_eof && stream->to_local.len == 0;
+    int flushed = stream->received_close && (stream->to_local.len == 0 || now >= stream->deadline_ms);
+    if (both_ended || flushed)
+        vsock_finish(stream);
+}
+
 /*
  * The guest learns of connections through control messages that virtio_console handles apart
  * from the data, so bytes from the next client can be read before the previous client's
@@ -1036,11 +1522,16 @@ static void parse_frames(struct channel *channel) {
  */
 static void on_connected(struct channel *channel) {
     channel->connected = 1;
-    send_hello(channel);
+    if (channel == &vsock_port)
+        vsock_on_connected();
+    else
+        send_hello(channel);
 }
 
 static void on_disconnected(struct channel *channel) {
     channel->connected = 0;
+    if (channel == &vsock_port)
+        vsock_on_disconnected();
 }
 
 /* Check whether the host side of a disconnected port has connected, without blocking. */
@@ -1067,7 +1558,10 @@ static void read_channel(struct channel *channel) {
         host_closed = n == 0;
         break;
     }
-    parse_frames(channel);
+    if (channel == &vsock_port)
+        vsock_parse();
+    else
+        parse_frames(channel);
     if (host_closed)
         on_disconnected(channel);
 }
@@ -1089,6 +1583,7 @@ static void read_signals(void) {
         case SIGIO:
             check_connection(&control);
             check_connection(&exec_channel);
+            check_connection(&vsock_port);
             break;
         case SIGTERM:
         case SIGPWR:
@@ -1104,13 +1599,14 @@ static void read_signals(void) {
 /* --- main loop ---------------------------------------------------------------------------- */
 
 static void run(void) {
-    struct channel *channels[] = {&control, &exec_channel};
+    struct channel *channels[] = {&control, &exec_channel, &vsock_port};
+    const int channel_count = 3;
     for (;;) {
-        struct pollfd fds[8 + MAX_INPUTS + MAX_EXEC_JOBS];
+        struct pollfd fds[8 + MAX_INPUTS + MAX_EXEC_JOBS + MAX_VSOCK_STREAMS];
         int count = 0;
         fds[count++] = (struct pollfd){.fd = signal_fd, .events = POLLIN};
-        int channel_index[2];
-        for (int i = 0; i < 2; i++) {
+        int channel_index[3];
+        for (int i = 0; i < channel_count; i++) {
             channel_index[i] = -1;
             if (channels[i]->fd < 0 || !channels[i]->connected)
                 continue;
@@ -1145,6 +1641,13 @@ static void run(void) {
                 fds[count++] = (struct pollfd){.fd = jobs[i].out_fd, .events = POLLIN};
             }
         }
+        /* A stream that waits for no event gets fd -1, which poll() skips, so a hung-up socket
+         * that is not being read does not wake the loop again and again. */
+        int stream_index = count;
+        for (int i = 0; i < MAX_VSOCK_STREAMS; i++) {
+            short events = vsock_poll_events(&vsock_streams[i]);
+            fds[count++] = (struct pollfd){.fd = events ? vsock_streams[i].fd : -1, .events = events};
+        }
 
         int64_t now = now_ms();
         int64_t wake = now + RECONNECT_CHECK_MS;
@@ -1156,6 +1659,9 @@ static void run(void) {
             if (jobs[i].used && jobs[i].alive_until_ms >= 0 && jobs[i].alive_until_ms < wake)
                 wake = jobs[i].alive_until_ms;
         }
+        for (int i = 0; i < MAX_VSOCK_STREAMS; i++)
+            if (vsock_streams[i].used && vsock_streams[i].deadline_ms >= 0 && vsock_streams[i].deadline_ms < wake)
+                wake = vsock_streams[i].deadline_ms;
         int timeout = wake > now ? (int)(wake - now) : 0;
 
         int ready = poll(fds, count, timeout);
@@ -1167,7 +1673,7 @@ static void run(void) {
 
         if (fds[0].revents)
             read_signals();
-        for (int i = 0; i < 2; i++) {
+        for (int i = 0; i < channel_count; i++) {
             int index = channel_index[i];
             if (index < 0 || !channels[i]->connected)
                 continue;
@@ -1190,6 +1696,9 @@ static void run(void) {
                 read_job_output(&jobs[job_slot[i]]);
 
         now = now_ms();
+        for (int i = 0; i < MAX_VSOCK_STREAMS; i++)
+            vsock_service(&vsock_streams[i], fds[stream_index + i].revents, now);
+        vsock_flush_port();
         if (kill_deadline_ms >= 0 && now >= kill_deadline_ms) {
             announce("the component did not exit within %u ms of signal %d: sending SIGKILL", grace_ms, stop_signal);
             kill(-component_pid, SIGKILL);
@@ -1206,7 +1715,7 @@ static void run(void) {
                 jobs[i].alive_until_ms = -1;
             }
         }
-        for (int i = 0; i < 2; i++)
+        for (int i = 0; i < channel_count; i++)
             check_connection(channels[i]);
     }
 }
@@ -1235,6 +1744,7 @@ int main(void) {
     say("ready for the host");
     check_connection(&control);
     check_connection(&exec_channel);
+    check_connection(&vsock_port);
     run();
     return 0;
 }

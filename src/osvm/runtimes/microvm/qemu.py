@@ -6,8 +6,9 @@ virtio-mmio, and a direct PVH boot of the ELF vmlinux. The devices are:
 - virtio-net with QEMU's user network: the guest is 10.0.2.15, and each allocated port P is
   forwarded from 127.0.0.1:P on the host (or the instance address in its network namespace) to
   port P in the guest;
-- virtio-serial with three ports: "osvm.agent" and "osvm.exec" on host Unix sockets for the
-  agent's control and exec channels, and "osvm.log" appended to the instance's output.log;
+- virtio-serial with four ports: "osvm.agent" and "osvm.exec" on host Unix sockets for the
+  agent's control and exec channels, "osvm.log" appended to the instance's output.log, and
+  "osvm.vsock" on a host Unix socket for the vsock multiplexer that serves vsock.sock;
 - virtio-blk for an ext4 root filesystem, through a per-instance qcow2 overlay;
 - virtio-rng fed from the host's /dev/urandom.
 """
@@ -67,6 +68,15 @@ class QemuConfig:
     @property
     def exec_socket(self) -> Path:
         return self.instance_dir / "exec.sock"
+
+    @property
+    def vsock_port_socket(self) -> Path:
+        """QEMU's socket for the "osvm.vsock" port, read only by HybridVsockMux. Host clients use vsock_socket."""
+        return self.instance_dir / "vsock-port.sock"
+
+    @property
+    def vsock_socket(self) -> Path:
+        return self.instance_dir / "vsock.sock"
 
     @property
     def pid_file(self) -> Path:
@@ -166,13 +176,16 @@ def build_qemu_argv(config: QemuConfig, qemu: str | None = None) -> list[str]:
     ]
     argv += _network_args(config)
     argv += [
-        "-device", "virtio-serial-device,max_ports=4",
+        # QEMU reserves port number 0 for a console, so four named ports need max_ports above 4.
+        "-device", "virtio-serial-device,max_ports=8",
         "-chardev", f"socket,id=agent,path={config.agent_socket},server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=osvm.agent",
         "-chardev", f"socket,id=exec,path={config.exec_socket},server=on,wait=off",
         "-device", "virtserialport,chardev=exec,name=osvm.exec",
         "-chardev", f"file,id=log,path={config.log_path},append=on",
         "-device", "virtserialport,chardev=log,name=osvm.log",
+        "-chardev", f"socket,id=vsock,path={config.vsock_port_socket},server=on,wait=off",
+        "-device", "virtserialport,chardev=vsock,name=osvm.vsock",
         "-object", "rng-random,id=rng,filename=/dev/urandom",
         "-device", "virtio-rng-device,rng=rng",
     ]

@@ -5,7 +5,9 @@ ext4 root and the cgroup. start() spawns QEMU and returns; a background session 
 the component's argv and environment, and the agent reports READY once the component runs.
 Exit is seen through a pidfd on QEMU. stop() presses the ACPI power button over QMP, then quits
 QEMU over QMP, then sends SIGKILL. As root, QEMU runs as the unprivileged user osvm (-runas) in a
-cgroup whose memory limit is the VM's memory plus QEMU's overhead.
+cgroup whose memory limit is the VM's memory plus QEMU's overhead. From start (or adoption) until
+wait or cleanup, a VsockBridge serves Firecracker's hybrid vsock contract on
+<instance_dir>/vsock.sock over the agent's "osvm.vsock" port.
 """
 
 import asyncio
@@ -35,6 +37,7 @@ from osvm.runtimes.microvm.qemu import (
     detect_accelerator,
 )
 from osvm.runtimes.microvm.qmp import QmpFailure, qmp_execute, qmp_execute_blocking
+from osvm.runtimes.microvm.vsock_bridge import VsockBridge, remove_vsock_sockets
 from osvm.runtimes.netns import InstanceNetwork, NetworkError
 from osvm.runtimes.exitwatch import watch_exit
 from osvm.runtimes.process import cgroup_parent_for
@@ -112,6 +115,8 @@ class MicroVmRuntime:
         self.cgroup_parent = cgroup_parent_for(self.state_dir)
         self.cgroup_layout = detect_layout() if self.privileged else None
         self._instances: dict[str, VmInstance] = {}
+        # The vsock bridge of each instance started or adopted, by instance id, so cleanup() can close it.
+        self._vsock_bridges: dict[str, VsockBridge] = {}
 
     # --- public interface --------------------------------------------------------------------
 
@@ -176,6 +181,8 @@ class MicroVmRuntime:
         config = self._qemu_config(plan, instance)
         for path in (config.agent_socket, config.exec_socket, config.qmp_socket, config.pid_file):
             path.unlink(missing_ok=True)
+        await self._close_vsock_bridge(plan.instance_id)
+        remove_vsock_sockets(plan.instance_dir)
         argv = self._full_argv(plan, build_qemu_argv(config, self.qemu_binary))
         qemu_log = open(plan.instance_dir / QEMU_LOG, "wb", buffering=0)
         try:
@@ -226,6 +233,7 @@ class MicroVmRuntime:
         )
         if isinstance(session, AgentSession):
             await session.close()
+        await self._close_vsock_bridge(plan.instance_id)
         return status
 
     async def stop(self, handle: ProcessHandle, plan: LaunchPlan) -> None:
@@ -316,7 +324,7 @@ class MicroVmRuntime:
         )
 
     async def cleanup(self, plan: LaunchPlan) -> None:
-        """Kill a QEMU left running, then remove the overlay, sockets, cgroup and network namespace."""
+        """Kill a QEMU left running, close the vsock bridge, then remove the overlay, sockets, cgroup and network namespace."""
         await asyncio.to_thread(self._kill_leftover_qemu, plan)
         if self.cgroup_layout is not None:
             cgroup = Cgroup.open(plan.instance_id, parent=self.cgroup_parent)
@@ -332,8 +340,10 @@ class MicroVmRuntime:
                     await asyncio.to_thread(network.remove)
                 except NetworkError as error:
                     logger.error("cannot remove the network namespace of instance %s: %s", plan.instance_id, error)
+        await self._close_vsock_bridge(plan.instance_id)
         for name in (OVERLAY, "agent.sock", "exec.sock", "qmp.sock", "qemu.pid", STATE_FILE):
             (plan.instance_dir / name).unlink(missing_ok=True)
+        remove_vsock_sockets(plan.instance_dir)
         self._instances.pop(plan.instance_id, None)
 
     # --- readiness and description -----------------------------------------------------------
@@ -405,6 +415,15 @@ class MicroVmRuntime:
         session = AgentSession(config.agent_socket, _start_frame(plan), plan.instance_id)
         session.start(exited)
         handle.extra["agent"] = session
+        bridge = VsockBridge(config.vsock_port_socket, config.vsock_socket, plan.instance_id)
+        bridge.start(exited)
+        handle.extra["vsock"] = bridge
+        self._vsock_bridges[plan.instance_id] = bridge
+
+    async def _close_vsock_bridge(self, instance_id: str) -> None:
+        bridge = self._vsock_bridges.pop(instance_id, None)
+        if bridge is not None:
+            await bridge.close()
 
     def _full_argv(self, plan: LaunchPlan, qemu_argv: list[str]) -> list[str]:
         argv = list(qemu_argv)

@@ -1,0 +1,90 @@
+"""The host end of a microVM's "osvm.vsock" port: Firecracker's hybrid vsock contract on vsock.sock.
+
+QEMU serves the port on <instance_dir>/vsock-port.sock. The bridge connects to it once QEMU has
+created it and runs HybridVsockMux there, which listens on <instance_dir>/vsock.sock. A host
+client connects to vsock.sock, sends `CONNECT <port>\\n` and reads `OK <host_port>\\n`, and the
+guest agent joins the stream to the guest's TCP listener on 127.0.0.1:<port>.
+"""
+
+import asyncio
+import contextlib
+import glob
+import logging
+import os
+from pathlib import Path
+
+from osvm.vsock import HybridVsockMux
+
+logger = logging.getLogger("osvm.runtimes.microvm")
+
+# QEMU creates its sockets within a few milliseconds of starting; this bounds a QEMU stuck before that.
+CONNECT_TIMEOUT = 30.0
+CONNECT_RETRY_INTERVAL = 0.01
+
+
+class VsockBridge:
+    """One HybridVsockMux between vsock.sock and the agent's vsock port, kept until QEMU exits or close()."""
+
+    def __init__(self, port_socket: Path, uds_path: Path, instance_id: str):
+        self.port_socket = port_socket
+        self.uds_path = uds_path
+        self.instance_id = instance_id
+        self.mux: HybridVsockMux | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, qemu_exited: "asyncio.Future[None]") -> None:
+        """Start the background task that connects to QEMU's port socket and runs the multiplexer."""
+        self._task = asyncio.get_running_loop().create_task(self._run(qemu_exited), name=f"vsock-{self.instance_id}")
+
+    async def close(self) -> None:
+        """Stop the multiplexer, which closes every host client and removes vsock.sock."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self.mux is not None:
+            await self.mux.close()
+            self.mux = None
+
+    async def _run(self, qemu_exited: "asyncio.Future[None]") -> None:
+        streams = await self._connect(qemu_exited)
+        if streams is None:
+            return
+        reader, writer = streams
+        mux = HybridVsockMux(self.uds_path, reader, writer)
+        try:
+            await mux.start()
+        except OSError as error:
+            logger.error("instance %s: cannot listen on %s: %s", self.instance_id, self.uds_path, error)
+            writer.close()
+            return
+        self.mux = mux
+        # The multiplexer ends by itself when QEMU exits and closes the port socket.
+        await mux.wait_closed()
+
+    async def _connect(
+        self, qemu_exited: "asyncio.Future[None]"
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONNECT_TIMEOUT
+        while not qemu_exited.done():
+            try:
+                return await asyncio.open_unix_connection(str(self.port_socket))
+            except (FileNotFoundError, ConnectionRefusedError) as error:
+                if loop.time() >= deadline:
+                    logger.error(
+                        "instance %s: cannot connect to the vsock port socket %s within %.0f s: %s",
+                        self.instance_id, self.port_socket, CONNECT_TIMEOUT, error,
+                    )
+                    return None
+                await asyncio.sleep(CONNECT_RETRY_INTERVAL)
+        return None
+
+
+def remove_vsock_sockets(instance_dir: Path) -> None:
+    """Remove vsock.sock, the guest-initiated port sockets vsock.sock_<P> and QEMU's vsock-port.sock."""
+    paths = [instance_dir / "vsock.sock", instance_dir / "vsock-port.sock"]
+    paths += [Path(path) for path in glob.glob(glob.escape(os.fspath(instance_dir / "vsock.sock")) + "_*")]
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

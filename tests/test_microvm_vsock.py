@@ -1,0 +1,316 @@
+"""Tests of the hybrid vsock channel of microVMs, with real QEMU boots (TCG where KVM is not usable).
+
+The guest runs a static TCP echo server on $OSVM_PORT_HTTP. Host clients reach it through
+<instance_dir>/vsock.sock with osvm.vsock.connect(), which the runtime's HybridVsockMux carries
+over the virtio-serial port "osvm.vsock" to the guest agent. No test opens an AF_VSOCK socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+
+import pytest
+
+from osvm.images.kernel import KernelError, fetch_kernel
+from osvm.runtimes import procinfo
+from osvm.runtimes.base import LaunchPlan, ProcessHandle
+from osvm.runtimes.microvm import MicroVmRuntime
+from osvm.vsock import GuestPortRefused, VsockConnectError, connect
+from test_microvm_support import IMAGE_CACHE, make_plan, require_qemu
+
+# A boot under TCG takes 2 to 10 s on a loaded 2-core host.
+READY_TIMEOUT = 60.0
+# How long a test retries CONNECT while the echo server in the guest starts listening.
+LISTEN_TIMEOUT = 30.0
+
+# A static TCP echo server on $OSVM_PORT_HTTP: one child per client, which echoes until EOF.
+ECHO_SERVER_SOURCE = r"""
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+static void echo(int client) {
+    char buffer[65536];
+    for (;;) {
+        ssize_t n = read(client, buffer, sizeof buffer);
+        if (n <= 0)
+            break;
+        for (ssize_t sent = 0; sent < n;) {
+            ssize_t written = write(client, buffer + sent, n - sent);
+            if (written <= 0)
+                _exit(1);
+            sent += written;
+        }
+    }
+    shutdown(client, SHUT_WR);
+    _exit(0);
+}
+
+int main(void) {
+    const char *port_text = getenv("OSVM_PORT_HTTP");
+    int port = port_text ? atoi(port_text) : 8080;
+    signal(SIGCHLD, SIG_IGN);
+    int listener = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in address = {0};
+    address.sin_family = AF_INET;
+    address.sin_port = htons(port);
+    address.sin_addr.s_addr = INADDR_ANY;
+    if (bind(listener, (struct sockaddr *)&address, sizeof address) != 0 || listen(listener, 64) != 0) {
+        perror("bind");
+        return 1;
+    }
+    printf("echo server listening on %d\n", port);
+    fflush(stdout);
+    for (;;) {
+        int client = accept(listener, NULL, NULL);
+        if (client < 0)
+            continue;
+        if (fork() == 0) {
+            close(listener);
+            echo(client);
+        }
+        close(client);
+    }
+}
+"""
+
+
+def compile_echo_server(directory: Path) -> Path:
+    """Compile the echo server statically into directory/echo-server."""
+    source = directory / "echo-server.c"
+    source.write_text(ECHO_SERVER_SOURCE)
+    binary = directory / "echo-server"
+    subprocess.run(["gcc", "-static", "-O2", "-s", "-o", str(binary), str(source)], check=True)
+    return binary
+
+
+@pytest.fixture(scope="module")
+def echo_server(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_qemu()
+    try:
+        fetch_kernel(IMAGE_CACHE)
+    except KernelError as error:
+        pytest.skip(f"the guest kernel package cannot be fetched: {error}")
+    return compile_echo_server(tmp_path_factory.mktemp("echo"))
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    # Short, because QEMU's socket paths under it must fit in 108 bytes.
+    path = Path(tempfile.mkdtemp(prefix="osvm-vs-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class EchoVm:
+    """One booted VM running the echo server, and the runtime that started it."""
+
+    def __init__(self, runtime: MicroVmRuntime, plan: LaunchPlan, handle: ProcessHandle):
+        self.runtime = runtime
+        self.plan = plan
+        self.handle = handle
+
+    @property
+    def vsock_path(self) -> Path:
+        return self.plan.instance_dir / "vsock.sock"
+
+    @property
+    def port(self) -> int:
+        return int(self.plan.env["OSVM_PORT_HTTP"])
+
+
+@pytest.fixture
+async def echo_vm(state_dir: Path, echo_server: Path) -> AsyncIterator[EchoVm]:
+    """Boot one VM. Teardown kills QEMU by pid if it still runs, runs cleanup() and checks what is left."""
+    runtime = MicroVmRuntime(state_dir, image_cache=IMAGE_CACHE)
+    plan = make_plan(state_dir, "echo-1-vsock0", echo_server)
+    await runtime.prepare(plan)
+    handle = await runtime.start(plan)
+    try:
+        ready = await runtime.wait_ready(handle, READY_TIMEOUT)
+        assert ready, f"the agent did not report READY within {READY_TIMEOUT} s:\n{_diagnostics(plan)}"
+        yield EchoVm(runtime, plan, handle)
+    finally:
+        if procinfo.is_alive(handle.pid, handle.start_time):
+            os.kill(handle.pid, signal.SIGKILL)
+            await runtime.wait(handle, plan)
+        await runtime.cleanup(plan)
+        left = sorted(path.name for path in plan.instance_dir.glob("*.sock*"))
+        assert not left, f"socket files left in {plan.instance_dir} after cleanup: {left}"
+
+
+async def connect_when_listening(vm: EchoVm) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to the echo server through vsock.sock, retrying while vsock.sock and the guest server start."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LISTEN_TIMEOUT
+    while True:
+        try:
+            return await connect(vm.vsock_path, vm.port)
+        except (VsockConnectError, OSError):
+            if loop.time() >= deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def round_trip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> bytes:
+    """Send data, then EOF, and return everything the echo server sent back before its EOF."""
+
+    async def send() -> None:
+        writer.write(data)
+        await writer.drain()
+        writer.write_eof()
+
+    sender = asyncio.create_task(send())
+    received = await reader.read()
+    await sender
+    return received
+
+
+async def round_trip_open(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> bytes:
+    """Send data and return as many bytes echoed back, leaving the connection open."""
+    writer.write(data)
+    await writer.drain()
+    return await reader.readexactly(len(data))
+
+
+# --- tests -------------------------------------------------------------------------------------
+
+
+async def test_vsock_small_round_trip(echo_vm: EchoVm) -> None:
+    reader, writer = await connect_when_listening(echo_vm)
+    try:
+        writer.write(b"ping over vsock\n")
+        await writer.drain()
+        echoed = await asyncio.wait_for(reader.readexactly(16), 30)
+        assert echoed == b"ping over vsock\n"
+
+        writer.write_eof()
+        rest = await asyncio.wait_for(reader.read(), 30)
+        assert rest == b""
+    finally:
+        writer.close()
+
+
+async def test_vsock_one_mib_round_trip(echo_vm: EchoVm) -> None:
+    data = os.urandom(1024 * 1024)
+    reader, writer = await connect_when_listening(echo_vm)
+    try:
+        echoed = await asyncio.wait_for(round_trip(reader, writer, data), 120)
+    finally:
+        writer.close()
+    assert len(echoed) == len(data)
+    assert echoed == data
+
+
+async def test_vsock_concurrent_channels(echo_vm: EchoVm) -> None:
+    # The first connection waits until the server listens, then eight run at once.
+    reader, writer = await connect_when_listening(echo_vm)
+    writer.close()
+    streams = await asyncio.gather(*(connect(echo_vm.vsock_path, echo_vm.port) for _ in range(8)))
+    payloads = [os.urandom(64 * 1024) + bytes([index]) for index in range(len(streams))]
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(round_trip(reader, writer, payload) for (reader, writer), payload in zip(streams, payloads))),
+            120,
+        )
+    finally:
+        for _, writer in streams:
+            writer.close()
+    for result, payload in zip(results, payloads):
+        assert result == payload
+
+
+async def test_vsock_channels_released(echo_vm: EchoVm) -> None:
+    # More connections, one after another, than the agent has channel slots (128), so a slot that
+    # is not freed after the close exchange makes a later CONNECT fail.
+    reader, writer = await connect_when_listening(echo_vm)
+    writer.close()
+    for index in range(160):
+        reader, writer = await connect(echo_vm.vsock_path, echo_vm.port)
+        try:
+            echoed = await asyncio.wait_for(round_trip(reader, writer, b"connection %d" % index), 30)
+        finally:
+            writer.close()
+        assert echoed == b"connection %d" % index
+
+
+async def test_vsock_refused_port(echo_vm: EchoVm) -> None:
+    # Wait for the server, so the guest agent is known to serve the port.
+    reader, writer = await connect_when_listening(echo_vm)
+    writer.close()
+    unused_port = echo_vm.port + 1 if echo_vm.port < 65535 else echo_vm.port - 1
+    with pytest.raises(GuestPortRefused) as refused:
+        await connect(echo_vm.vsock_path, unused_port)
+    assert refused.value.port == unused_port
+    assert str(echo_vm.vsock_path) in str(refused.value)
+
+
+async def test_vsock_after_adoption(echo_vm: EchoVm) -> None:
+    reader, writer = await connect_when_listening(echo_vm)
+    assert await asyncio.wait_for(round_trip_open(reader, writer, b"before"), 30) == b"before"
+
+    # When a daemon dies, its agent connection and its multiplexer close, and so does every vsock
+    # client. The test closes both, as the kernel would.
+    await echo_vm.handle.extra["agent"].close()
+    await echo_vm.handle.extra["vsock"].close()
+    assert await asyncio.wait_for(reader.read(), 30) == b""
+    writer.close()
+
+    restarted = MicroVmRuntime(echo_vm.plan.instance_dir.parent.parent, image_cache=IMAGE_CACHE)
+    adopted = restarted.adopt(echo_vm.plan, echo_vm.handle.pid, echo_vm.handle.start_time)
+    assert adopted is not None
+    try:
+        reader, writer = await connect_when_listening(echo_vm)
+        try:
+            echoed = await asyncio.wait_for(round_trip(reader, writer, b"after adoption"), 30)
+        finally:
+            writer.close()
+        assert echoed == b"after adoption"
+    finally:
+        await restarted.stop(adopted, echo_vm.plan)
+        await restarted.wait(adopted, echo_vm.plan)
+        await restarted.cleanup(echo_vm.plan)
+
+
+async def test_vsock_sockets_removed_after_stop(echo_vm: EchoVm) -> None:
+    reader, writer = await connect_when_listening(echo_vm)
+    writer.close()
+    # A leftover guest-initiated port socket, as serve_guest_port() would leave it, goes too.
+    stray = echo_vm.plan.instance_dir / "vsock.sock_1024"
+    stray_server = await asyncio.start_unix_server(lambda r, w: None, path=str(stray))
+    stray_server.close()
+    await stray_server.wait_closed()
+    assert echo_vm.vsock_path.exists()
+
+    await echo_vm.runtime.stop(echo_vm.handle, echo_vm.plan)
+    await echo_vm.runtime.wait(echo_vm.handle, echo_vm.plan)
+    assert not echo_vm.vsock_path.exists()
+
+    await echo_vm.runtime.cleanup(echo_vm.plan)
+    left = sorted(path.name for path in echo_vm.plan.instance_dir.glob("*.sock*"))
+    assert left == []
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _diagnostics(plan: LaunchPlan) -> str:
+    parts = []
+    for name in ("serial.log", "qemu.log", "output.log"):
+        path = plan.instance_dir / name
+        if path.exists():
+            parts.append(f"--- {name} ---\n{path.read_text(errors='replace')[-3000:]}")
+    return "\n".join(parts)
