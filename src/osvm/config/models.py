@@ -237,7 +237,7 @@ class Endpoint(StrictModel):
 
 
 class UpdatePolicy(StrictModel):
-    """How `osvm deploy` moves a component to a new revision."""
+    """The update policy: how `osvm deploy` moves a component to a new revision."""
 
     # blue-green starts the new instance beside the old one; recreate stops the old one first.
     strategy: Literal["blue-green", "recreate"] = "blue-green"
@@ -261,7 +261,7 @@ class UpdatePolicy(StrictModel):
 
 
 class ImageSpec(StrictModel):
-    """What goes into a VM's root filesystem besides the guest agent."""
+    """The contents of a VM's root filesystem besides the guest agent."""
 
     # directory: copy a host directory; binary: one static binary; debian: debootstrap these packages.
     kind: Literal["directory", "binary", "debian"]
@@ -612,7 +612,7 @@ class PolicyRule(StrictModel):
 
 
 class Policy(StrictModel):
-    """Which components may connect to which. Between components the default is deny; deny beats allow."""
+    """The network policy between components. The default is deny, and deny beats allow."""
 
     allow: list[PolicyRule] = []
     deny: list[PolicyRule] = []

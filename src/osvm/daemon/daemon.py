@@ -123,7 +123,7 @@ class Daemon:
         self._shutdown.set()
 
     def _add_microvm_runtime(self) -> None:
-        """Offer runtime "microvm" when QEMU is installed; say why not otherwise."""
+        """Offer runtime "microvm" when QEMU is installed, and log the reason when it is not."""
         if shutil.which("qemu-system-x86_64") is None:
             logger.info("runtime microvm is off: qemu-system-x86_64 is not installed (Debian package qemu-system-x86)")
             return

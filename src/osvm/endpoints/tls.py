@@ -2,8 +2,8 @@
 
 The listener accepts each connection itself and runs the handshake with
 loop.connect_accepted_socket(), so a failed handshake (no certificate, an expired one, another CA's)
-is an exception with a reason, which the endpoint records, instead of an error that only the event
-loop's exception handler sees.
+is an exception with a reason, which the endpoint records, instead of an error that only reaches the
+event loop's exception handler.
 """
 
 import asyncio

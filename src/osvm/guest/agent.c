@@ -1173,7 +1173,7 @@ static void vsock_reset(struct vsock_stream *stream, const char *reason) {
     vsock_finish(stream);
 }
 
-/* Drop every channel without CLOSE, because the host side no longer knows them. */
+/* Drop every channel without CLOSE, because the host side no longer tracks them. */
 static void vsock_drop_all(void) {
     for (int i = 0; i < MAX_VSOCK_STREAMS; i++)
         if (vsock_streams[i].used)

@@ -11,7 +11,7 @@ from osvm.store import Store
 PORT = "port"
 SUBNET = "subnet"
 
-# A free port is asked from the kernel; this bounds the retries when the store already holds it.
+# A free port comes from the kernel. This bounds the retries when the store already contains it.
 MAX_PORT_ATTEMPTS = 50
 
 
