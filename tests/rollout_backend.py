@@ -2,7 +2,7 @@
 
 Behaviour comes from environment variables, so each revision of a component can differ:
 VERSION (returned by the "version" method and GET /version), SLOT (returned by getSlot),
-FAIL_HEALTH=1 (GET /health answers 503), CRASH_AFTER=seconds (exit 1 after that long),
+FAIL_HEALTH=1 (GET /health returns 503), CRASH_AFTER=seconds (exit 1 after that long),
 IGNORE_TERM=1 (ignore SIGTERM). It listens on 127.0.0.1:$OSVM_PORT_HTTP.
 """
 

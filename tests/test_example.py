@@ -74,7 +74,7 @@ def test_example_comes_up(example_file: Path, osvm: Osvm):
         time.sleep(1)
     assert '"result":"0x' in output
 
-    # Without a client certificate the endpoint refuses the connection, and says why.
+    # Without a client certificate the endpoint closes the connection and records the reason.
     context = ssl.create_default_context(cafile=str(tls_dir(osvm, components["indexer"]) / "ca.pem"))
     with pytest.raises((ssl.SSLError, ConnectionError)):
         with socket.create_connection(("127.0.0.1", 8545), timeout=10) as raw:

@@ -1,4 +1,4 @@
-"""Where osvm keeps its state: the state directory and the files inside it."""
+"""Locations of osvm's state: the state directory and the files inside it."""
 
 import os
 from pathlib import Path
@@ -35,3 +35,11 @@ def pid_path(state_dir: Path) -> Path:
 
 def instance_dir(state_dir: Path, instance_id: str) -> Path:
     return state_dir / "instances" / instance_id
+
+
+def data_dir(state_dir: Path, instance_id: str) -> Path:
+    return state_dir / "data" / instance_id
+
+
+def output_log(state_dir: Path, instance_id: str) -> Path:
+    return instance_dir(state_dir, instance_id) / "output.log"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from osvm import __version__
+from osvm import __version__, paths
 from osvm.config.load import ConfigError, issues_from_validation_error
 from osvm.config.models import Deployment
 from osvm.deploy.manager import DeployError
@@ -305,7 +305,7 @@ class ApiServer:
         if not instances:
             raise _HttpError(404, f"no instance of component {name!r} found: run `osvm status` to list components")
         record = instances[0]
-        path = self.daemon.state_dir / "instances" / record.id / "output.log"
+        path = paths.output_log(self.daemon.state_dir, record.id)
         since = _float_query(request, "since")
         tail = _int_query(request, "tail")
         data, offset = await asyncio.to_thread(read_logs, path, since, tail)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from osvm import paths
 from osvm.config.models import Component, Deployment, Policy
 from osvm.endpoints import Backend, Endpoint, EndpointError
 from osvm.endpoints.tls import EndpointTls
@@ -80,6 +81,7 @@ class Reconciler:
         self.environ = dict(environ or {})
         self.supervisors: dict[str, InstanceSupervisor] = {}
         self.endpoints: dict[str, Endpoint] = {}
+        self._specs: dict[tuple[str, int], Component] = {}
         self.policy = PolicyEngine(Policy())
         self._load_policy()
         # Set by the daemon: counts a connection an endpoint refused, by component and reason.
@@ -152,7 +154,7 @@ class Reconciler:
         for destination in self.store.components():
             if destination.desired == REMOVED:
                 continue
-            target = Component.model_validate(self.store.revision_spec(destination.name, destination.revision))
+            target = self.spec(destination.name, destination.revision)
             if target.endpoint is None or target.endpoint.listen.startswith("unix:"):
                 continue
             port_name = target.backend_port_name() or "*"
@@ -213,6 +215,15 @@ class Reconciler:
                             f"component {name}: command references ${{{reference}}}, which is not set: "
                             f"declare the port in ports or set the variable in env"
                         )
+
+    def spec(self, name: str, revision: int) -> Component:
+        """Return the validated spec of a revision. Revisions never change, so each is validated once."""
+        key = (name, revision)
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = Component.model_validate(self.store.revision_spec(name, revision))
+            self._specs[key] = spec
+        return spec
 
     def set_desired(self, name: str, desired: str) -> None:
         if self.store.component(name) is None:
@@ -332,7 +343,7 @@ class Reconciler:
     async def _converge_running(self, name: str, revision: int) -> None:
         if self.rollout_running(name):
             return
-        spec = Component.model_validate(self.store.revision_spec(name, revision))
+        spec = self.spec(name, revision)
         try:
             await self._ensure_endpoint(name, spec)
         except ApplyError:
@@ -394,8 +405,10 @@ class Reconciler:
 
     def _stop_levels(self, components: list[ComponentRecord]) -> list[list[ComponentRecord]]:
         """Group components to stop so that dependents stop before what they depend on."""
+        if not components:
+            return []
         depends_on = {
-            component.name: Component.model_validate(self.store.revision_spec(component.name, component.revision)).depends_on
+            component.name: self.spec(component.name, component.revision).depends_on
             for component in self.store.components()
         }
         depth: dict[str, int] = {}
@@ -609,9 +622,9 @@ class Reconciler:
 
     def _plan_for(self, record: InstanceRecord, spec: Component | None = None) -> LaunchPlan:
         if spec is None:
-            spec = Component.model_validate(self.store.revision_spec(record.component, record.revision))
-        instance_dir = self.state_dir / "instances" / record.id
-        data_dir = self.state_dir / "data" / record.id
+            spec = self.spec(record.component, record.revision)
+        instance_dir = paths.instance_dir(self.state_dir, record.id)
+        data_dir = paths.data_dir(self.state_dir, record.id)
         env = self._instance_env(record, spec, data_dir)
         addressing = None
         firewall = None
@@ -630,7 +643,7 @@ class Reconciler:
             env=env,
             instance_dir=instance_dir,
             data_dir=data_dir,
-            log_path=instance_dir / "output.log",
+            log_path=paths.output_log(self.state_dir, record.id),
             netns_name=record.netns,
             addressing=addressing,
             firewall=firewall,

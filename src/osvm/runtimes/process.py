@@ -18,9 +18,8 @@ from pathlib import Path
 from osvm.runtimes import procinfo
 from osvm.runtimes.exitwatch import watch_exit
 from osvm.runtimes.base import ExitStatus, LaunchPlan, ProcessHandle
-from osvm.runtimes.netns import InstanceNetwork, NetworkError
+from osvm.runtimes.network import NetworkSetupError, create_instance_network, remove_instance_network
 from osvm.runtimes.cgroups import Cgroup, CgroupError, CgroupLimits, detect_layout, remove_parent
-from osvm.security.firewall import FirewallError, NamespaceFirewall
 from osvm.runtimes.sandbox import STATUS_FD, SandboxError, build_sandbox_argv, find_user, missing_tools
 
 logger = logging.getLogger("osvm.runtimes.process")
@@ -219,12 +218,7 @@ class ProcessRuntime:
             except CgroupError as error:
                 logger.error("cannot remove the cgroup of instance %s: %s", plan.instance_id, error)
         if plan.netns_name is not None:
-            network = await asyncio.to_thread(InstanceNetwork.open, plan.instance_id)
-            if network is not None:
-                try:
-                    await asyncio.to_thread(network.remove)
-                except NetworkError as error:
-                    logger.error("cannot remove the network namespace of instance %s: %s", plan.instance_id, error)
+            await asyncio.to_thread(remove_instance_network, plan.instance_id)
 
     def sweep_orphans(self, live_instance_ids: set[str]) -> list[str]:
         """Kill and remove cgroups of this state directory that belong to no live instance.
@@ -258,25 +252,10 @@ class ProcessRuntime:
     # --- private helpers ---------------------------------------------------------------------
 
     def _create_network(self, plan: LaunchPlan) -> None:
-        assert plan.addressing is not None
-        existing = InstanceNetwork.open(plan.instance_id)
-        if existing is not None:
-            existing.remove()
         try:
-            network = InstanceNetwork.create(plan.instance_id, plan.addressing)
-        except NetworkError as error:
-            raise ProcessRuntimeError(f"cannot create the network namespace of instance {plan.instance_id}: {error}") from None
-        if plan.firewall is not None:
-            ingress, egress = plan.firewall
-            try:
-                NamespaceFirewall(network.netns_name).apply(ingress, egress)
-            except FirewallError as error:
-                network.remove()
-                raise ProcessRuntimeError(f"cannot load the firewall of instance {plan.instance_id}: {error}") from None
-            logger.info(
-                "firewall of instance %s: default drop, %d ingress and %d egress rules",
-                plan.instance_id, len(ingress), len(egress),
-            )
+            create_instance_network(plan)
+        except NetworkSetupError as error:
+            raise ProcessRuntimeError(str(error)) from None
 
     def _full_argv(self, plan: LaunchPlan, status_fd: int | None) -> list[str]:
         if not self.isolated:

@@ -58,6 +58,11 @@ def missing_tools() -> list[str]:
     return [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
 
 
+def cgroup_join_prefix(procs_files: list[Path]) -> list[str]:
+    """Return the command prefix that joins the given cgroup.procs files, then execs the rest."""
+    return ["/bin/sh", "-c", _JOIN_CGROUPS, "osvm-join-cgroups", *(str(path) for path in procs_files), "--"]
+
+
 def build_sandbox_argv(
     argv: list[str],
     *,
@@ -76,9 +81,7 @@ def build_sandbox_argv(
     `hidden_dirs` are covered with an empty tmpfs, so the instance cannot see the daemon's state,
     and `data_dir` is then bound read-write at its own path as the only writable directory besides /tmp.
     """
-    chain: list[str] = ["/bin/sh", "-c", _JOIN_CGROUPS, "osvm-join-cgroups"]
-    chain += [str(path) for path in procs_files]
-    chain.append("--")
+    chain = cgroup_join_prefix(procs_files)
 
     if netns_path is not None:
         chain += ["nsenter", f"--net={netns_path}", "--"]

@@ -38,11 +38,10 @@ from osvm.runtimes.microvm.qemu import (
 )
 from osvm.runtimes.microvm.qmp import QmpFailure, qmp_execute, qmp_execute_blocking
 from osvm.runtimes.microvm.vsock_bridge import VsockBridge, remove_vsock_sockets
-from osvm.runtimes.netns import InstanceNetwork, NetworkError
+from osvm.runtimes.network import NetworkSetupError, create_instance_network, remove_instance_network
 from osvm.runtimes.exitwatch import watch_exit
 from osvm.runtimes.process import cgroup_parent_for
-from osvm.runtimes.sandbox import SandboxError, find_user
-from osvm.security.firewall import FirewallError, NamespaceFirewall
+from osvm.runtimes.sandbox import SandboxError, cgroup_join_prefix, find_user
 
 logger = logging.getLogger("osvm.runtimes.microvm")
 
@@ -67,8 +66,6 @@ KILL_TIMEOUT = 10.0
 GUEST_PATH = "/app:/app/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GUEST_DATA_DIR = "/data"
 
-# Joins the cgroups named before "--", then execs the rest, so QEMU starts inside its cgroup.
-_JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
 _EXIT_LINE = re.compile(rb"osvm-agent: component exited with status (\d+)")
 _PANIC_LINE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
 
@@ -334,12 +331,7 @@ class MicroVmRuntime:
                 except CgroupError as error:
                     logger.error("cannot remove the cgroup of instance %s: %s", plan.instance_id, error)
         if self.privileged and plan.netns_name is not None:
-            network = await asyncio.to_thread(InstanceNetwork.open, plan.instance_id)
-            if network is not None:
-                try:
-                    await asyncio.to_thread(network.remove)
-                except NetworkError as error:
-                    logger.error("cannot remove the network namespace of instance %s: %s", plan.instance_id, error)
+            await asyncio.to_thread(remove_instance_network, plan.instance_id)
         await self._close_vsock_bridge(plan.instance_id)
         for name in (OVERLAY, "agent.sock", "exec.sock", "qmp.sock", "qemu.pid", STATE_FILE):
             (plan.instance_dir / name).unlink(missing_ok=True)
@@ -431,8 +423,7 @@ class MicroVmRuntime:
             argv = ["nsenter", f"--net=/run/netns/{plan.netns_name}", "--", *argv]
         cgroup = Cgroup.open(plan.instance_id, parent=self.cgroup_parent) if self.cgroup_layout is not None else None
         if cgroup is not None:
-            procs = [str(path) for path in cgroup.procs_files()]
-            argv = ["sh", "-c", _JOIN_CGROUPS, "osvm-join-cgroup", *procs, "--", *argv]
+            argv = [*cgroup_join_prefix(cgroup.procs_files()), *argv]
         return argv
 
     def _create_overlay(self, plan: LaunchPlan, image: BuiltImage) -> Path | None:
@@ -461,27 +452,12 @@ class MicroVmRuntime:
             raise MicroVmError(f"QEMU runs as the user {DEFAULT_USER} when the daemon is root: {error}") from None
 
     def _create_network(self, plan: LaunchPlan) -> None:
-        assert plan.addressing is not None
-        existing = InstanceNetwork.open(plan.instance_id)
-        if existing is not None:
-            existing.remove()
-        try:
-            network = InstanceNetwork.create(plan.instance_id, plan.addressing)
-        except NetworkError as error:
-            raise MicroVmError(f"cannot create the network namespace of instance {plan.instance_id}: {error}") from None
         # QEMU's user network runs in this namespace, so the guest's outbound connections and the
-        # forwarded ports pass this firewall, as a process instance's connections do.
-        if plan.firewall is not None:
-            ingress, egress = plan.firewall
-            try:
-                NamespaceFirewall(network.netns_name).apply(ingress, egress)
-            except FirewallError as error:
-                network.remove()
-                raise MicroVmError(f"cannot load the firewall of instance {plan.instance_id}: {error}") from None
-            logger.info(
-                "firewall of instance %s: default drop, %d ingress and %d egress rules",
-                plan.instance_id, len(ingress), len(egress),
-            )
+        # forwarded ports pass its firewall, as a process instance's connections do.
+        try:
+            create_instance_network(plan)
+        except NetworkSetupError as error:
+            raise MicroVmError(str(error)) from None
 
     def _create_cgroup(self, plan: LaunchPlan, vm: VmSettings) -> None:
         memory = vm.memory + QEMU_MEMORY_OVERHEAD
