@@ -143,7 +143,7 @@ def issues_from_validation_error(error: ValidationError, document: dict[str, Any
 def _issue_from_error(error: dict[str, Any]) -> ConfigIssue:
     """Turn one pydantic error into an issue when the validated document is not at hand.
 
-    Without the document, pydantic's labels are told apart from keys by their form, and the two
+    Without the document, pydantic's labels are distinguished from keys by their form, and the two
     errors of a union mismatch stay separate. Prefer issues_from_validation_error.
     """
     return _describe(error, _locate(error, None))[0]

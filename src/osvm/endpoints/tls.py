@@ -1,9 +1,9 @@
 """TLS termination for endpoints: the handshake, the client certificate check, then the usual protocol.
 
 The listener accepts each connection itself and runs the handshake with
-loop.connect_accepted_socket(), so a failed handshake (no certificate, an expired one, another CA's)
-is an exception with a reason, which the endpoint records, instead of an error that only reaches the
-event loop's exception handler.
+loop.connect_accepted_socket(). A failed handshake (no certificate, an expired one, another CA's)
+then raises an exception with a reason, which the endpoint records. With a plain TLS server, the
+error would only reach the event loop's exception handler.
 """
 
 import asyncio

@@ -29,7 +29,7 @@ class HealthMonitor:
     failure_threshold failures in a row. Failures of runs that start within startup_grace
     after `started_at` do not count. With no probes the state is "healthy" from construction,
     and run() calls on_change("starting", "healthy", ...) once, so a caller that follows
-    on_change sees the instance become healthy.
+    on_change records the instance as healthy.
 
     `on_change(old_state, new_state, reason, liveness_failed)` is called on every change
     of the state. liveness_failed is True when a probe with liveness = true turned

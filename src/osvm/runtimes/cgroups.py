@@ -144,7 +144,7 @@ def _is_v1_mount(directory: Path, controller: str, mounts: list[tuple[str, str, 
 
 
 def detect_layout(root: str | os.PathLike = DEFAULT_ROOT) -> Layout | None:
-    """Detect whether root holds a usable cgroup v2 or v1 hierarchy.
+    """Detect whether root contains a usable cgroup v2 or v1 hierarchy.
 
     Returns "v2" when root/cgroup.controllers lists memory and pids, "v1"
     when root/memory, root/cpu and root/pids are v1 mounts of those
@@ -192,7 +192,7 @@ def _parent_dirs(layout: Layout, root: Path, parent: str) -> list[Path]:
 def remove_parent(parent: str = DEFAULT_PARENT, root: str | os.PathLike = DEFAULT_ROOT) -> bool:
     """Remove the parent directories of instance cgroups when no instance cgroup is left in them.
 
-    Returns True when they are gone. A parent that still holds instance cgroups is kept.
+    Returns True when they are gone. A parent that still contains instance cgroups is kept.
     """
     _check_name("parent", parent)
     root_path = Path(root)

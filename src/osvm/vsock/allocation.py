@@ -34,9 +34,9 @@ class AllocationError(Exception):
 class CidAllocator:
     """Allocate guest CIDs from 3 up, one per owner, reusing the lowest released CID first.
 
-    NOTE: the allocator sees only the CIDs in its own store. With vhost-vsock, CIDs are global to
+    NOTE: the allocator tracks only the CIDs in its own store. With vhost-vsock, CIDs are global to
     the host kernel, so a VM started outside osvm can hold a CID that the store shows as free. The
-    runtime then sees EADDRINUSE from the VMM and should allocate again with that CID in `avoid`.
+    runtime then gets EADDRINUSE from the VMM and should allocate again with that CID in `avoid`.
     Firecracker's hybrid vsock never registers the CID with the host kernel, so the clash cannot
     happen there.
     """
