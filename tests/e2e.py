@@ -230,8 +230,10 @@ def netns_names() -> list[str]:
     return [line.split()[0] for line in output.splitlines() if line.strip()]
 
 
-def link_names() -> list[str]:
-    output = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+def link_names(netns: str | None = None) -> list[str]:
+    """Return the interface names on the host, or in the named network namespace."""
+    where = ["-n", netns] if netns else []
+    output = subprocess.run(["ip", *where, "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
     # Lines look like "7: ov-0123456789@if6: <BROADCAST,...> ...".
     return [line.split(":")[1].strip().split("@")[0] for line in output.splitlines() if line.strip()]
 

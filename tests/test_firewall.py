@@ -29,6 +29,7 @@ from osvm.security.firewall import (
     FirewallError,
     IngressRule,
     NamespaceFirewall,
+    build_guest_forwarding,
     build_ruleset,
     count_dropped_packets,
     parse_egress_entry,
@@ -98,6 +99,7 @@ def test_build_ruleset_replaces_table():
     assert [(chain["name"], chain["hook"], chain["policy"]) for chain in chains] == [
         ("input", "input", "drop"),
         ("output", "output", "drop"),
+        ("forward", "forward", "drop"),
     ]
 
 
@@ -124,6 +126,35 @@ def test_build_ruleset_rule_order():
     assert output_rules[4][1]["match"]["right"] == 443
     assert output_rules[5] == [{"counter": None}, {"drop": None}]
     assert len(output_rules) == 6
+
+    # The forward chain has no loopback rule, and each listed rule is tied to the guest's tap device.
+    forward_rules = rules_of(document, "forward")
+    assert forward_rules[0][0]["match"]["right"] == "ipv6"
+    assert forward_rules[3][0]["match"] == {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "tap0"}
+    assert forward_rules[4][0]["match"] == {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "tap0"}
+    assert forward_rules[5][0]["match"] == {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "tap0"}
+    assert forward_rules[6] == [{"counter": None}, {"drop": None}]
+    assert len(forward_rules) == 7
+
+
+def test_build_guest_forwarding():
+    document = build_guest_forwarding("10.1.0.2", "10.0.2.15", [8545, 8000, 8545])
+    commands = document["nftables"]
+    table = {"family": "ip", "name": "osvm-guest"}
+    assert commands[1:4] == [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
+    prerouting = rules_of(document, "prerouting")
+    assert prerouting == [[
+        {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "eth0"}},
+        {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "10.1.0.2"}},
+        {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": {"set": [8000, 8545]}}},
+        {"dnat": {"family": "ip", "addr": "10.0.2.15"}},
+    ]]
+    assert rules_of(document, "postrouting")[0][-1] == {"masquerade": None}
+
+    with pytest.raises(ValueError, match="forwarded port 0"):
+        build_guest_forwarding("10.1.0.2", "10.0.2.15", [0])
+    with pytest.raises(ValueError, match="instance address"):
+        build_guest_forwarding("fe80::1", "10.0.2.15", [80])
 
 
 def test_build_ruleset_egress_any_port():
@@ -431,9 +462,13 @@ def test_table_only_in_namespace(networks):
 
         listing = wall.rules()
         chains = [item["chain"] for item in listing["nftables"] if "chain" in item]
-        assert sorted((chain["name"], chain["policy"]) for chain in chains) == [("input", "drop"), ("output", "drop")]
+        assert sorted((chain["name"], chain["policy"]) for chain in chains) == [
+            ("forward", "drop"), ("input", "drop"), ("output", "drop"),
+        ]
         rule_count = sum(1 for item in listing["nftables"] if "rule" in item)
-        assert rule_count == 6 + 6  # 4 common rules and a final drop per chain, plus one listed rule each
+        # input and output: 4 common rules, one listed rule and a final drop each; forward: 3
+        # common rules (no loopback), both listed rules and a final drop.
+        assert rule_count == 6 + 6 + 6
     finally:
         wall.remove()
 
@@ -518,3 +553,87 @@ def test_rejects_host_namespace(root_with_nft, monkeypatch):
         subprocess.run(["ip", "netns", "delete", netns_name], capture_output=True)
 
     assert not os.path.lexists(f"/run/netns/{netns_name}")
+
+
+# A guest behind the namespace, as a VM on its tap device sees it. A second namespace stands in for
+# the guest, linked by a veth pair whose end in the instance namespace is named tap0, so the
+# forward chain and table ip osvm-guest are checked in the kernel without booting a VM.
+
+GUEST_ADDRESS = "10.0.2.15"
+
+
+@pytest.fixture
+def guest_namespace(networks) -> Iterator[tuple[InstanceNetwork, str]]:
+    network = networks("g")
+    guest = f"osvm-fwguest-{os.getpid()}"
+    try:
+        run("ip", "netns", "add", guest)
+        run("ip", "link", "add", "tap0", "netns", network.netns_name, "type", "veth", "peer", "name", "eth0", "netns", guest)
+        run("ip", "-n", network.netns_name, "addr", "add", "10.0.2.2/24", "dev", "tap0")
+        run("ip", "-n", network.netns_name, "link", "set", "tap0", "up")
+        run("ip", "-n", guest, "addr", "add", f"{GUEST_ADDRESS}/24", "dev", "eth0")
+        run("ip", "-n", guest, "link", "set", "eth0", "up")
+        run("ip", "-n", guest, "link", "set", "lo", "up")
+        run("ip", "-n", guest, "route", "add", "default", "via", "10.0.2.2")
+        run("ip", "netns", "exec", network.netns_name, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        yield network, guest
+    finally:
+        subprocess.run(["ip", "netns", "del", guest], capture_output=True)
+
+
+def start_guest_server(guest: str, port: int, processes: list[subprocess.Popen]) -> None:
+    process = subprocess.Popen(
+        ["ip", "netns", "exec", guest, sys.executable, "-c", ACCEPT_SERVER, GUEST_ADDRESS, str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    processes.append(process)
+    deadline = time.monotonic() + 15
+    while subprocess.run(
+        ["ip", "netns", "exec", guest, sys.executable, "-c", CONNECT_CLIENT, GUEST_ADDRESS, str(port), "1"],
+        capture_output=True,
+    ).returncode != 0:
+        assert process.poll() is None, f"server in {guest} exited with {process.returncode}"
+        assert time.monotonic() < deadline, f"server in {guest} did not listen within 15 s"
+        time.sleep(0.1)
+
+
+PEER_ADDRESS_SERVER = """
+import socket, sys
+server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+connection, peer = server.accept()
+print(peer[0], flush=True)
+"""
+
+
+@pytest.mark.root
+def test_guest_forwarding_follows_the_rules(guest_namespace, processes, server_port):
+    network, guest = guest_namespace
+    wall = NamespaceFirewall(network.netns_name)
+    host_address = network.addressing.host_address
+    instance_address = network.addressing.instance_address
+    allowed, forwarded_only = server_port, server_port + 1
+    wall.apply([IngressRule(allowed, host_address)], [EgressRule(host_address, allowed)])
+    wall.apply_guest_forwarding(instance_address, GUEST_ADDRESS, [allowed, forwarded_only])
+    start_guest_server(guest, allowed, processes)
+    start_guest_server(guest, forwarded_only, processes)
+
+    # Ingress: the instance address reaches the guest only on a port the ingress rules list.
+    assert host_connects(instance_address, allowed)
+    assert not host_connects(instance_address, forwarded_only)
+
+    # Egress: the guest reaches the host on the allowed port, and arrives from the instance address.
+    server = subprocess.Popen(
+        [sys.executable, "-c", PEER_ADDRESS_SERVER, host_address, str(allowed)], stdout=subprocess.PIPE, text=True,
+    )
+    processes.append(server)
+    assert server.stdout.readline().strip() == "ready"
+    client = ["ip", "netns", "exec", guest, sys.executable, "-c", CONNECT_CLIENT, host_address]
+    assert subprocess.run([*client, str(allowed), "2"], capture_output=True).returncode == 0
+    assert server.stdout.readline().strip() == instance_address
+    assert subprocess.run([*client, str(forwarded_only), "1"], capture_output=True).returncode != 0
+    assert wall.dropped_packets() > 0
+
+    text = run("ip", "netns", "exec", network.netns_name, "nft", "list", "table", "ip", "osvm-guest")
+    assert "dnat to 10.0.2.15" in text and "masquerade" in text

@@ -37,7 +37,7 @@ from osvm.runtimes.cgroups import CONTROLLERS, DEFAULT_ROOT, Cgroup
 from osvm.runtimes.microvm.qmp import qmp_execute
 from osvm.runtimes.netns import InstanceNetwork, addressing_for
 from osvm.runtimes.microvm.runtime import POWEROFF_MARGIN, QEMU_MEMORY_OVERHEAD, QUIT_TIMEOUT, guest_argv, guest_env
-from e2e import free_subnet_pool
+from e2e import free_subnet_pool, link_names
 from test_microvm_support import IMAGE_CACHE, compile_server, make_plan, require_qemu
 
 # A boot under TCG takes 2 to 10 s on a loaded 2-core host.
@@ -229,8 +229,11 @@ async def test_namespace_mode_forwards_on_instance_address(vms: VmTracker, serve
     addressing = addressing_for(0, free_subnet_pool())
     plan = dataclasses.replace(plan, netns_name=InstanceNetwork(plan.instance_id, None).netns_name, addressing=addressing)
     handle = await vms.boot_ready(plan)
-    # QEMU runs in the instance's namespace: both paths name the same namespace inode.
+    # QEMU runs in the instance's namespace (both paths name the same namespace inode), attached
+    # to the tap device there.
     assert os.stat(f"/proc/{handle.pid}/ns/net").st_ino == os.stat(f"/run/netns/{plan.netns_name}").st_ino
+    assert "tap,id=net0,ifname=tap0" in Path(f"/proc/{handle.pid}/cmdline").read_bytes().decode()
+    assert "tap0" in link_names(plan.netns_name)
     port = int(plan.env["OSVM_PORT_HTTP"])
     response = await asyncio.to_thread(_http_get, port, addressing.instance_address)
     assert response.startswith(b"HTTP/1.1 200 OK")

@@ -415,6 +415,7 @@ def test_down_removes_vm_resources(vm_osvm: Osvm, server_binary: Path) -> None:
     ]
     assert NETNS_PREFIX + instance["id"] in netns_names()
     assert HOST_IFNAME_PREFIX + short_id(instance["id"]) in link_names()
+    assert "tap0" in link_names(NETNS_PREFIX + instance["id"])
     assert qemu_processes(vm_osvm)
 
     vm_osvm.cli("down", "--daemon")
@@ -429,8 +430,9 @@ def test_down_removes_vm_resources(vm_osvm: Osvm, server_binary: Path) -> None:
 
 
 def test_namespace_vm_egress_follows_firewall(vm_osvm: Osvm, server_binary: Path) -> None:
-    # QEMU's user network runs in the instance's namespace, so the guest's outbound connections
-    # leave through the namespace and its firewall: only allow_egress destinations are reached.
+    # The guest's tap device is in the instance's namespace, so its outbound connections are
+    # forwarded through the namespace's firewall: only allow_egress destinations are reached, and
+    # they see the instance address, as they would from a process instance.
     allowed_port = free_port()
     denied_port = free_port()
     path = write_vm_deployment(
@@ -447,6 +449,7 @@ def test_namespace_vm_egress_follows_firewall(vm_osvm: Osvm, server_binary: Path
 
     assert reached.returncode == 0, reached.stdout + reached.stderr
     assert allowed.lines == ["allowed"]
+    assert allowed.peers == [instance["address"]]
     assert blocked.returncode != 0, blocked.stdout + blocked.stderr
     assert denied.lines == []
 
@@ -471,6 +474,8 @@ class LineListener:
         self.server = socket.create_server((host, port))
         self.server.settimeout(0.2)
         self.lines: list[str] = []
+        # The source address of each connection, in the order the lines arrived.
+        self.peers: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
 
@@ -486,9 +491,10 @@ class LineListener:
     def _serve(self) -> None:
         while not self._stop.is_set():
             try:
-                connection, _ = self.server.accept()
+                connection, peer = self.server.accept()
             except TimeoutError:
                 continue
+            self.peers.append(peer[0])
             with connection:
                 connection.settimeout(10.0)
                 data = b""

@@ -5,6 +5,12 @@ drop every packet by default and accept loopback traffic, packets of established
 the new TCP connections that the ingress and egress rules list. IPv6 is dropped except on loopback,
 and so are UDP, ICMP and other protocols unless they belong to an accepted connection.
 
+The chain `forward` applies the same rules to a VM guest behind the tap device GUEST_INTERFACE:
+ingress rules to packets routed out to the guest, egress rules to packets routed in from it. In a
+namespace with IP forwarding off, as for process instances, nothing reaches that chain. The
+separate table `ip osvm-guest` (apply_guest_forwarding) translates the instance's ports to the
+guest's address and masquerades the guest's outbound connections behind the instance address.
+
 The ruleset is built as an nftables JSON document (the format of libnftables-json(5), checked
 with nftables 1.0.6) and loaded with `nft -j -f -` run through `nsenter --net=/run/netns/NAME`, so
 it lives in the instance's namespace and goes away with it. The host's own ruleset is never read or
@@ -28,6 +34,10 @@ logger = logging.getLogger(__name__)
 NETNS_DIR = "/run/netns"
 TABLE_FAMILY = "inet"
 TABLE_NAME = "osvm"
+GUEST_TABLE_NAME = "osvm-guest"
+# The namespace's uplink (the veth peer) and the tap device of a VM guest.
+UPLINK_INTERFACE = "eth0"
+GUEST_INTERFACE = "tap0"
 # Loading 50 rules took about 30 ms with nft 1.0.6, so this limit only catches a hung command.
 NFT_TIMEOUT = 30.0
 
@@ -146,13 +156,14 @@ def _chain(name: str) -> dict[str, Any]:
     }
 
 
-def _common_rules(chain: str, interface_key: str) -> list[dict[str, Any]]:
-    """Return the rules that open both chains: loopback, IPv6, established and invalid packets."""
+def _common_rules(chain: str, interface_key: str | None) -> list[dict[str, Any]]:
+    """Return the rules that open every chain: loopback (when interface_key is given), IPv6, established and invalid packets."""
     # An anonymous counter is {"counter": null}, because nft 1.0.6 reads {"counter": {}} as a
     # reference to a named counter and rejects it.
     counted_drop = [{"counter": None}, {"drop": None}]
+    loopback = [_rule(chain, [_match({"meta": {"key": interface_key}}, "lo"), {"accept": None}])] if interface_key else []
     return [
-        _rule(chain, [_match({"meta": {"key": interface_key}}, "lo"), {"accept": None}]),
+        *loopback,
         _rule(chain, [_match({"meta": {"key": "nfproto"}}, "ipv6"), *counted_drop], "drop IPv6"),
         _rule(chain, [_match({"ct": {"key": "state"}}, ["established", "related"], op="in"), {"accept": None}]),
         _rule(chain, [_match({"ct": {"key": "state"}}, "invalid", op="in"), *counted_drop], "drop invalid"),
@@ -163,25 +174,30 @@ def _final_drop(chain: str) -> dict[str, Any]:
     return _rule(chain, [{"counter": None}, {"drop": None}], "drop the rest")
 
 
-def _ingress_rule(rule: IngressRule) -> dict[str, Any]:
+def _ingress_rule(rule: IngressRule, chain: str = "input") -> dict[str, Any]:
     expressions = []
+    if chain == "forward":
+        expressions.append(_match({"meta": {"key": "oifname"}}, GUEST_INTERFACE))
     if rule.source is not None:
         source = _parse_ipv4_network(rule.source, "ingress source")
         expressions.append(_match({"payload": {"protocol": "ip", "field": "saddr"}}, _address_value(source)))
     expressions.append(_match({"payload": {"protocol": "tcp", "field": "dport"}}, rule.port))
     expressions.append({"accept": None})
-    return _rule("input", expressions)
+    return _rule(chain, expressions)
 
 
-def _egress_rule(rule: EgressRule) -> dict[str, Any]:
+def _egress_rule(rule: EgressRule, chain: str = "output") -> dict[str, Any]:
     address = _parse_ipv4_network(rule.address, "egress address")
-    expressions = [_match({"payload": {"protocol": "ip", "field": "daddr"}}, _address_value(address))]
+    expressions = []
+    if chain == "forward":
+        expressions.append(_match({"meta": {"key": "iifname"}}, GUEST_INTERFACE))
+    expressions.append(_match({"payload": {"protocol": "ip", "field": "daddr"}}, _address_value(address)))
     if rule.port is not None:
         expressions.append(_match({"payload": {"protocol": "tcp", "field": "dport"}}, rule.port))
     else:
         expressions.append(_match({"meta": {"key": "l4proto"}}, "tcp"))
     expressions.append({"accept": None})
-    return _rule("output", expressions)
+    return _rule(chain, expressions)
 
 
 def build_ruleset(ingress: list[IngressRule], egress: list[EgressRule]) -> dict[str, Any]:
@@ -197,6 +213,7 @@ def build_ruleset(ingress: list[IngressRule], egress: list[EgressRule]) -> dict[
         {"add": {"table": _table()}},
         _chain("input"),
         _chain("output"),
+        _chain("forward"),
     ]
     commands.extend(_common_rules("input", "iif"))
     commands.extend(_ingress_rule(rule) for rule in ingress)
@@ -204,6 +221,53 @@ def build_ruleset(ingress: list[IngressRule], egress: list[EgressRule]) -> dict[
     commands.extend(_common_rules("output", "oif"))
     commands.extend(_egress_rule(rule) for rule in egress)
     commands.append(_final_drop("output"))
+    commands.extend(_common_rules("forward", None))
+    commands.extend(_ingress_rule(rule, "forward") for rule in ingress)
+    commands.extend(_egress_rule(rule, "forward") for rule in egress)
+    commands.append(_final_drop("forward"))
+    return {"nftables": commands}
+
+
+def build_guest_forwarding(instance_address: str, guest_address: str, ports: list[int]) -> dict[str, Any]:
+    """Build the nft JSON document that replaces table ip osvm-guest.
+
+    Its prerouting chain sends new TCP connections to instance_address on each port to the same
+    port of guest_address, and its postrouting chain masquerades what the guest sends out of the
+    uplink, so the guest's connections leave with the instance address as a process's do.
+    """
+    _parse_ipv4_network(instance_address, "instance address")
+    _parse_ipv4_network(guest_address, "guest address")
+    for port in ports:
+        _check_port(port, "forwarded")
+    table = {"family": "ip", "name": GUEST_TABLE_NAME}
+
+    def nat_chain(name: str, hook: str, priority: int) -> dict[str, Any]:
+        chain = {"family": "ip", "table": GUEST_TABLE_NAME, "name": name, "type": "nat", "hook": hook, "prio": priority, "policy": "accept"}
+        return {"add": {"chain": chain}}
+
+    def nat_rule(chain: str, expressions: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"add": {"rule": {"family": "ip", "table": GUEST_TABLE_NAME, "chain": chain, "expr": expressions}}}
+
+    commands: list[dict[str, Any]] = [
+        {"metainfo": {"json_schema_version": 1}},
+        {"add": {"table": table}},
+        {"delete": {"table": table}},
+        {"add": {"table": table}},
+        nat_chain("prerouting", "prerouting", -100),
+        nat_chain("postrouting", "postrouting", 100),
+    ]
+    if ports:
+        commands.append(nat_rule("prerouting", [
+            _match({"meta": {"key": "iifname"}}, UPLINK_INTERFACE),
+            _match({"payload": {"protocol": "ip", "field": "daddr"}}, instance_address),
+            _match({"payload": {"protocol": "tcp", "field": "dport"}}, {"set": sorted(set(ports))}),
+            {"dnat": {"family": "ip", "addr": guest_address}},
+        ]))
+    commands.append(nat_rule("postrouting", [
+        _match({"meta": {"key": "iifname"}}, GUEST_INTERFACE),
+        _match({"meta": {"key": "oifname"}}, UPLINK_INTERFACE),
+        {"masquerade": None},
+    ]))
     return {"nftables": commands}
 
 
@@ -252,6 +316,15 @@ class NamespaceFirewall:
             self.netns_name,
             len(ingress),
             len(egress),
+        )
+
+    def apply_guest_forwarding(self, instance_address: str, guest_address: str, ports: list[int]) -> None:
+        """Load table ip osvm-guest (see build_guest_forwarding) in one nft transaction. Raises FirewallError."""
+        document = json.dumps(build_guest_forwarding(instance_address, guest_address, ports))
+        self._run_nft(["-j", "-f", "-"], "apply guest forwarding", document)
+        logger.info(
+            "applied guest forwarding in network namespace %s: ports %s of %s to %s",
+            self.netns_name, ", ".join(map(str, sorted(set(ports)))) or "none", instance_address, guest_address,
         )
 
     def remove(self) -> None:

@@ -3,9 +3,10 @@
 The machine is QEMU's `microvm`: no PCI and no firmware tables beyond ACPI, virtio devices on
 virtio-mmio, and a direct PVH boot of the ELF vmlinux. The devices are:
 
-- virtio-net with QEMU's user network: the guest is 10.0.2.15, and each allocated port P is
-  forwarded from 127.0.0.1:P on the host (or the instance address in its network namespace) to
-  port P in the guest;
+- virtio-net, the guest at 10.0.2.15 in both modes: on a tap device in the instance's network
+  namespace (see tap.py) when the daemon is root and isolates instances, else on QEMU's user
+  network, where each allocated port P is forwarded from 127.0.0.1:P on the host to port P in the
+  guest;
 - virtio-serial with four ports: "osvm.agent" and "osvm.exec" on host Unix sockets for the
   agent's control and exec channels, "osvm.log" appended to the instance's output.log, and
   "osvm.vsock" on a host Unix socket for the vsock multiplexer that serves vsock.sock;
@@ -50,6 +51,8 @@ class QemuConfig:
     listen_address: str = "127.0.0.1"
     overlay: Path | None = None
     run_as: str | None = None
+    # The tap device to attach to, in the network namespace QEMU runs in; None for the user network.
+    tap: str | None = None
     sandbox: bool = True
     extra_args: list[str] = field(default_factory=list)
 
@@ -202,6 +205,10 @@ def build_qemu_argv(config: QemuConfig, qemu: str | None = None) -> list[str]:
 
 
 def _network_args(config: QemuConfig) -> list[str]:
+    if config.tap is not None:
+        # The tap device exists already, owned by the user QEMU runs as; QEMU runs no scripts.
+        netdev = f"tap,id=net0,ifname={config.tap},script=no,downscript=no"
+        return ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
     netdev = "user,id=net0"
     if config.restrict_network:
         # restrict=on cuts the guest off from the host and the outside; hostfwd rules still work.

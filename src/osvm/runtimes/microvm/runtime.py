@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import pwd
 import re
 import signal
 import subprocess
@@ -36,12 +37,14 @@ from osvm.runtimes.microvm.qemu import (
     build_qemu_argv,
     detect_accelerator,
 )
+from osvm.runtimes.microvm.tap import TapError, create_guest_tap
 from osvm.runtimes.microvm.qmp import QmpFailure, qmp_execute, qmp_execute_blocking
 from osvm.runtimes.microvm.vsock_bridge import VsockBridge, remove_vsock_sockets
 from osvm.runtimes.network import NetworkSetupError, create_instance_network, remove_instance_network
 from osvm.runtimes.exitwatch import watch_exit
 from osvm.runtimes.process import cgroup_parent_for
 from osvm.runtimes.sandbox import SandboxError, cgroup_join_prefix, find_user
+from osvm.security.firewall import GUEST_INTERFACE
 
 logger = logging.getLogger("osvm.runtimes.microvm")
 
@@ -86,6 +89,8 @@ class VmInstance:
     overlay: str | None
     vcpus: int
     memory: int
+    # "tap": a tap device in the instance's network namespace; "user": QEMU's user network.
+    network: str = "user"
 
     def save(self, instance_dir: Path) -> None:
         (instance_dir / STATE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -147,6 +152,7 @@ class MicroVmRuntime:
         except Exception as error:  # noqa: BLE001 - every build failure becomes this instance's reason.
             raise MicroVmError(f"cannot build the image: {error}") from None
         overlay = await asyncio.to_thread(self._create_overlay, plan, image)
+        use_tap = self.privileged and plan.netns_name is not None and plan.addressing is not None
         instance = VmInstance(
             accelerator=accelerator,
             accelerator_reason=reason,
@@ -156,15 +162,17 @@ class MicroVmRuntime:
             overlay=str(overlay) if overlay else None,
             vcpus=vm.vcpus,
             memory=vm.memory,
+            network="tap" if use_tap else "user",
         )
         instance.save(plan.instance_dir)
         self._instances[plan.instance_id] = instance
         logger.info(
-            "prepared instance %s of %s: image %s, %d vCPU, %d MiB, accelerator %s (%s)",
-            plan.instance_id, plan.component, image.short_digest, vm.vcpus, vm.memory >> 20, accelerator, reason,
+            "prepared instance %s of %s: image %s, %d vCPU, %d MiB, %s network, accelerator %s (%s)",
+            plan.instance_id, plan.component, image.short_digest, vm.vcpus, vm.memory >> 20, instance.network,
+            accelerator, reason,
         )
         if self.privileged:
-            if plan.netns_name is not None and plan.addressing is not None:
+            if use_tap:
                 await asyncio.to_thread(self._create_network, plan)
             if self.cgroup_layout is not None:
                 await asyncio.to_thread(self._create_cgroup, plan, vm)
@@ -364,7 +372,7 @@ class MicroVmRuntime:
         if instance is None:
             return "microVM (not prepared)"
         return (
-            f"microVM, {instance.vcpus} vCPU, {instance.memory >> 20} MiB, "
+            f"microVM, {instance.vcpus} vCPU, {instance.memory >> 20} MiB, {instance.network} network, "
             f"{instance.accelerator.upper()} ({instance.accelerator_reason})"
         )
 
@@ -399,6 +407,7 @@ class MicroVmRuntime:
             listen_address=plan.addressing.instance_address if plan.addressing and plan.netns_name else "127.0.0.1",
             overlay=Path(instance.overlay) if instance.overlay else None,
             run_as=DEFAULT_USER if self.privileged else None,
+            tap=GUEST_INTERFACE if instance.network == "tap" else None,
         )
 
     def _attach(self, handle: ProcessHandle, plan: LaunchPlan, config: QemuConfig) -> None:
@@ -452,12 +461,22 @@ class MicroVmRuntime:
             raise MicroVmError(f"QEMU runs as the user {DEFAULT_USER} when the daemon is root: {error}") from None
 
     def _create_network(self, plan: LaunchPlan) -> None:
-        # QEMU's user network runs in this namespace, so the guest's outbound connections and the
-        # forwarded ports pass its firewall, as a process instance's connections do.
+        # The guest's tap device is in the instance's namespace, so its connections and the ports
+        # forwarded to it pass the namespace's firewall, as a process instance's connections do.
+        assert plan.addressing is not None and plan.netns_name is not None
         try:
             create_instance_network(plan)
         except NetworkSetupError as error:
             raise MicroVmError(str(error)) from None
+        user = pwd.getpwnam(DEFAULT_USER)
+        try:
+            create_guest_tap(
+                plan.netns_name, plan.addressing.instance_address, GUEST_ADDRESS, _forwarded_ports(plan.env),
+                user.pw_uid, user.pw_gid,
+            )
+        except TapError as error:
+            remove_instance_network(plan.instance_id)
+            raise MicroVmError(f"failed to set up the guest network of instance {plan.instance_id}: {error}") from None
 
     def _create_cgroup(self, plan: LaunchPlan, vm: VmSettings) -> None:
         memory = vm.memory + QEMU_MEMORY_OVERHEAD
