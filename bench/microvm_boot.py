@@ -156,11 +156,13 @@ async def one_boot(runtime: MicroVmRuntime, plan: LaunchPlan, round_trips: int) 
         port = int(plan.env["OSVM_PORT_ECHO"])
         connection = await asyncio.to_thread(wait_serving, port, time.monotonic() + SERVING_TIMEOUT)
         serving = time.monotonic() - started
+        # As root, handle.pid is bwrap's; QEMU's own pid is in its -pidfile.
+        qemu = int((plan.instance_dir / "qemu.pid").read_text())
         result: dict[str, Any] = {
             "ready_s": round(ready, 3),
             "serving_s": round(serving, 3),
-            "qemu_rss_kib": harness.read_status_number(handle.pid, "VmRSS"),
-            "qemu_pss_kib": harness.read_pss_kib(handle.pid),
+            "qemu_rss_kib": harness.read_status_number(qemu, "VmRSS"),
+            "qemu_pss_kib": harness.read_pss_kib(qemu),
         }
         if round_trips:
             session = handle.extra["agent"]

@@ -158,12 +158,15 @@ async def test_vm_serves_http_and_exec(vms: VmTracker, server_binary: Path) -> N
     assert f"listening on {port} as web-1-aaaaaa" in output
 
     if os.geteuid() == 0:
-        uid_line = next(line for line in Path(f"/proc/{handle.pid}/status").read_text().splitlines() if line.startswith("Uid:"))
+        qemu = int((plan.instance_dir / "qemu.pid").read_text())
+        uid_line = next(line for line in Path(f"/proc/{qemu}/status").read_text().splitlines() if line.startswith("Uid:"))
         assert int(uid_line.split()[1]) == pwd.getpwnam("osvm").pw_uid
+        assert_jailed(qemu, plan.instance_dir)
     if vms.runtime.cgroup_layout is not None:
         cgroup = Cgroup.open(plan.instance_id, parent=vms.runtime.cgroup_parent)
         assert cgroup is not None
         assert cgroup.contains(handle.pid)
+        assert cgroup.contains(int((plan.instance_dir / "qemu.pid").read_text()))
         if cgroup.layout == "v1":
             memory_dir = next(path for path in cgroup.paths if path.parent.parent.name == "memory")
             limit = int((memory_dir / "memory.limit_in_bytes").read_text())
@@ -179,6 +182,17 @@ async def test_vm_serves_http_and_exec(vms: VmTracker, server_binary: Path) -> N
     assert "powered off" in status.reason
     assert "microVM on" in status.reason
     assert "ACPI power button" in plan.log_path.read_text()
+
+
+def assert_jailed(qemu: int, instance_dir: Path) -> None:
+    """Check that QEMU's mount namespace shows its instance directory and hides the rest of the state."""
+    root = Path(f"/proc/{qemu}/root")
+    assert os.stat(f"/proc/{qemu}/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino
+    assert (root / instance_dir.relative_to("/") / "qmp.sock").exists()
+    assert sorted(path.name for path in (root / instance_dir.parent.relative_to("/")).iterdir()) == [instance_dir.name]
+    assert not (root / "etc/shadow").exists()
+    assert not (root / "root").exists()
+    assert (root / "usr/bin").is_dir()
 
 
 async def test_stop_waits_grace_then_kills(vms: VmTracker, server_binary: Path) -> None:
@@ -245,14 +259,28 @@ async def test_namespace_mode_forwards_on_instance_address(vms: VmTracker, serve
 
 async def test_killed_qemu_seen_by_wait(vms: VmTracker, server_binary: Path) -> None:
     plan = make_plan(vms.state_dir, "web-1-cccccc", server_binary)
-    handle = await vms.boot(plan)
+    handle = await vms.boot_ready(plan)
     waiter = asyncio.create_task(vms.runtime.wait(handle, plan))
     await asyncio.sleep(0.5)
     assert not waiter.done()
-    os.kill(handle.pid, signal.SIGKILL)
+    os.kill(int((plan.instance_dir / "qemu.pid").read_text()), signal.SIGKILL)
     status = await asyncio.wait_for(waiter, 10)
     assert status.code == 137
     assert "QEMU was killed by SIGKILL" in status.reason
+
+
+async def test_killed_bwrap_ends_qemu(vms: VmTracker, server_binary: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("QEMU runs under bwrap only when the daemon is root")
+    plan = make_plan(vms.state_dir, "web-1-kkkkkk", server_binary)
+    handle = await vms.boot_ready(plan)
+    qemu = int((plan.instance_dir / "qemu.pid").read_text())
+    assert qemu != handle.pid
+    os.kill(handle.pid, signal.SIGKILL)
+    status = await asyncio.wait_for(vms.runtime.wait(handle, plan), 30)
+    assert status.code == 137
+    assert "bwrap, the parent of QEMU, was killed by SIGKILL" in status.reason
+    assert not procinfo.is_alive(qemu)
 
 
 async def test_component_exit_powers_off(vms: VmTracker, server_binary: Path) -> None:

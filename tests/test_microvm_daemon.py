@@ -375,8 +375,11 @@ def test_killed_qemu_is_restarted(vm_osvm: Osvm, server_binary: Path) -> None:
     up(vm_osvm, write_vm_deployment(vm_osvm, server_binary, port))
     before = single_instance(vm_osvm.status())
     assert is_qemu(before["pid"]), read_process(before["pid"])
+    # As root the recorded pid is bwrap's, which runs QEMU in its mount namespace: kill QEMU itself.
+    qemu = int((vm_osvm.state_dir / "instances" / before["id"] / "qemu.pid").read_text())
+    assert is_qemu(qemu), read_process(qemu)
 
-    os.kill(before["pid"], signal.SIGKILL)
+    os.kill(qemu, signal.SIGKILL)
 
     def healthy_again() -> dict[str, Any] | None:
         instance = single_instance(vm_osvm.status())
@@ -389,6 +392,7 @@ def test_killed_qemu_is_restarted(vm_osvm: Osvm, server_binary: Path) -> None:
     assert after["restarts"] == before["restarts"] + 1
     assert is_qemu(after["pid"]), read_process(after["pid"])
     assert not is_alive(before["pid"])
+    assert not is_alive(qemu)
 
     backoff = [
         event for event in vm_osvm.cli_events()

@@ -37,6 +37,7 @@ from osvm.runtimes.microvm.qemu import (
     build_qemu_argv,
     detect_accelerator,
 )
+from osvm.runtimes.microvm.jail import JailError, jail_argv
 from osvm.runtimes.microvm.tap import TapError, create_guest_tap
 from osvm.runtimes.microvm.qmp import QmpFailure, qmp_execute, qmp_execute_blocking
 from osvm.runtimes.microvm.vsock_bridge import VsockBridge, remove_vsock_sockets
@@ -91,6 +92,8 @@ class VmInstance:
     memory: int
     # "tap": a tap device in the instance's network namespace; "user": QEMU's user network.
     network: str = "user"
+    # The overlay's backing file, which QEMU opens read-only.
+    rootfs: str | None = None
 
     def save(self, instance_dir: Path) -> None:
         (instance_dir / STATE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -163,6 +166,7 @@ class MicroVmRuntime:
             vcpus=vm.vcpus,
             memory=vm.memory,
             network="tap" if use_tap else "user",
+            rootfs=str(image.rootfs) if image.rootfs else None,
         )
         instance.save(plan.instance_dir)
         self._instances[plan.instance_id] = instance
@@ -188,7 +192,10 @@ class MicroVmRuntime:
             path.unlink(missing_ok=True)
         await self._close_vsock_bridge(plan.instance_id)
         remove_vsock_sockets(plan.instance_dir)
-        argv = self._full_argv(plan, build_qemu_argv(config, self.qemu_binary))
+        try:
+            argv = self._full_argv(plan, instance, build_qemu_argv(config, self.qemu_binary))
+        except JailError as error:
+            raise MicroVmError(str(error)) from None
         qemu_log = open(plan.instance_dir / QEMU_LOG, "wb", buffering=0)
         try:
             process = subprocess.Popen(
@@ -206,10 +213,12 @@ class MicroVmRuntime:
         handle = ProcessHandle(pid=process.pid, start_time=procinfo.start_time(process.pid) or 0)
         handle.extra["popen"] = process
         handle.extra["accelerator"] = instance.accelerator
+        handle.extra["jailed"] = self.privileged
         self._attach(handle, plan, config)
         logger.info(
-            "started instance %s of %s: QEMU pid %d, accelerator %s (%s)",
-            plan.instance_id, plan.component, process.pid, instance.accelerator, instance.accelerator_reason,
+            "started instance %s of %s: %s pid %d, accelerator %s (%s)",
+            plan.instance_id, plan.component, "bwrap for QEMU" if self.privileged else "QEMU", process.pid,
+            instance.accelerator, instance.accelerator_reason,
         )
         return handle
 
@@ -223,6 +232,13 @@ class MicroVmRuntime:
         popen = handle.extra.get("popen")
         if isinstance(popen, subprocess.Popen):
             raw = popen.wait()
+        wrapper_killed = None
+        if handle.extra.get("jailed"):
+            # bwrap exits when QEMU does, unless bwrap itself was killed: then QEMU goes too, so a
+            # restart never meets a VM still running.
+            await self._end_orphaned_qemu(plan)
+            if raw is not None and raw < 0:
+                wrapper_killed = _signal_name(-raw)
         session = handle.extra.get("agent")
         reported = None
         if isinstance(session, AgentSession):
@@ -232,10 +248,18 @@ class MicroVmRuntime:
         if reported is None:
             reported = _exit_code_from_serial(plan.instance_dir / "serial.log")
         oom_killed = self._oom_kills(plan.instance_id) > int(handle.extra.get("oom_kills_at_start", 0))
+        if raw is not None and raw > 128 and handle.extra.get("jailed"):
+            # bwrap exits with 128 + the signal that killed QEMU; as a wait status that is -signal.
+            raw = 128 - raw
         status = _describe_exit(
             raw, reported, oom_killed, str(handle.extra.get("accelerator", "unknown")), plan.instance_dir,
             quit_sent=bool(handle.extra.get("quit_sent")),
         )
+        if wrapper_killed is not None and not oom_killed:
+            accelerator = str(handle.extra.get("accelerator", "unknown")).upper()
+            status = ExitStatus(
+                status.code, f"bwrap, the parent of QEMU, was killed by {wrapper_killed}, and QEMU with it (microVM on {accelerator})"
+            )
         if isinstance(session, AgentSession):
             await session.close()
         await self._close_vsock_bridge(plan.instance_id)
@@ -311,6 +335,7 @@ class MicroVmRuntime:
         self._instances[plan.instance_id] = instance
         handle = ProcessHandle(pid=pid, start_time=start_time, adopted=True)
         handle.extra["accelerator"] = instance.accelerator
+        handle.extra["jailed"] = os.path.basename(_cmdline(pid).split(" ", 1)[0]) == "bwrap"
         handle.extra["oom_kills_at_start"] = self._oom_kills(plan.instance_id)
         self._attach(handle, plan, self._qemu_config(plan, instance))
         if handle.extra["exited"].done():
@@ -426,8 +451,21 @@ class MicroVmRuntime:
         if bridge is not None:
             await bridge.close()
 
-    def _full_argv(self, plan: LaunchPlan, qemu_argv: list[str]) -> list[str]:
+    def _full_argv(self, plan: LaunchPlan, instance: VmInstance, qemu_argv: list[str]) -> list[str]:
+        """Return QEMU's argv inside its jail (as root), its network namespace and its cgroup.
+
+        Raises JailError when bwrap is missing.
+        """
         argv = list(qemu_argv)
+        if self.privileged:
+            read_only = [Path(instance.kernel), Path(instance.initrd)]
+            if instance.rootfs is not None:
+                read_only.append(Path(instance.rootfs))
+            jail = jail_argv(
+                plan.instance_dir, read_only, kvm=instance.accelerator == "kvm", tap=instance.network == "tap",
+                hostname=plan.component,
+            )
+            argv = [*jail, *argv]
         if self.privileged and plan.netns_name is not None:
             argv = ["nsenter", f"--net=/run/netns/{plan.netns_name}", "--", *argv]
         cgroup = Cgroup.open(plan.instance_id, parent=self.cgroup_parent) if self.cgroup_layout is not None else None
@@ -503,21 +541,43 @@ class MicroVmRuntime:
                 return
             except CgroupError as error:
                 logger.error("cannot empty the cgroup of instance %s: %s", plan.instance_id, error)
+        # QEMU first: when bwrap wraps it, killing bwrap alone would leave QEMU running.
+        self._kill_leftover_qemu(plan)
         if procinfo.is_alive(handle.pid, handle.start_time):
             try:
                 os.kill(handle.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
-    def _kill_leftover_qemu(self, plan: LaunchPlan) -> None:
-        """SIGKILL the QEMU named in qemu.pid if it still runs and is this instance's."""
+    def _leftover_qemu(self, plan: LaunchPlan) -> int | None:
+        """Return the pid in qemu.pid if that process still runs and is this instance's QEMU."""
         try:
             pid = int((plan.instance_dir / "qemu.pid").read_text().strip())
         except (OSError, ValueError):
-            return
+            return None
         if not procinfo.is_alive(pid) or f"osvm-{plan.instance_id}" not in _cmdline(pid):
+            return None
+        return pid
+
+    async def _end_orphaned_qemu(self, plan: LaunchPlan) -> None:
+        """SIGKILL a QEMU that outlived its bwrap parent, and wait until it has exited."""
+        pid = self._leftover_qemu(plan)
+        if pid is None:
             return
-        logger.warning("instance %s: QEMU pid %d is still running at cleanup: sending SIGKILL", plan.instance_id, pid)
+        logger.error("instance %s: bwrap exited but its QEMU pid %d still runs: sending SIGKILL", plan.instance_id, pid)
+        gone = watch_exit(pid)
+        self._kill_leftover_qemu(plan)
+        try:
+            await asyncio.wait_for(gone, KILL_TIMEOUT)
+        except TimeoutError:
+            logger.error("instance %s: QEMU pid %d did not exit within %.0fs of SIGKILL", plan.instance_id, pid, KILL_TIMEOUT)
+
+    def _kill_leftover_qemu(self, plan: LaunchPlan) -> None:
+        """SIGKILL the QEMU named in qemu.pid if it still runs and is this instance's."""
+        pid = self._leftover_qemu(plan)
+        if pid is None:
+            return
+        logger.warning("instance %s: QEMU pid %d is still running: sending SIGKILL", plan.instance_id, pid)
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
