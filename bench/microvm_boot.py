@@ -101,10 +101,10 @@ def make_plan(state_dir: Path, index: int, binary: Path, memory_mib: int) -> Lau
     )
 
 
-def tcp_echo_once(port: int, timeout: float) -> socket.socket | None:
+def tcp_echo_once(port: int, timeout: float, host: str = "127.0.0.1") -> socket.socket | None:
     """Connect, send PAYLOAD and return the connection if it comes back, else None."""
     try:
-        connection = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        connection = socket.create_connection((host, port), timeout=timeout)
     except OSError:
         return None
     connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -122,14 +122,14 @@ def tcp_echo_once(port: int, timeout: float) -> socket.socket | None:
         return None
 
 
-def wait_serving(port: int, deadline: float) -> socket.socket:
+def wait_serving(port: int, deadline: float, host: str = "127.0.0.1") -> socket.socket:
     # QEMU's port forward accepts before the guest listens and then closes, so retry until an echo returns.
     while time.monotonic() < deadline:
-        connection = tcp_echo_once(port, 5.0)
+        connection = tcp_echo_once(port, 5.0, host)
         if connection is not None:
             return connection
         time.sleep(0.02)
-    raise harness.BenchError(f"no echo through 127.0.0.1:{port} within {SERVING_TIMEOUT} s")
+    raise harness.BenchError(f"no echo through {host}:{port} within {SERVING_TIMEOUT} s")
 
 
 def tcp_round_trips(connection: socket.socket, count: int) -> list[float]:

@@ -5,17 +5,21 @@ It boots one VM with the static C echo server of microvm_boot.py and times --rou
 - vsock_hybrid: <instance_dir>/vsock.sock with `CONNECT <port>`, which HybridVsockMux carries over
   the virtio-serial port "osvm.vsock" to the guest agent, which connects to 127.0.0.1:<port>;
 - tcp_hostfwd: TCP through QEMU's user-network port forward to the same server;
+- tcp_tap (as root, with --network tap): a second VM on a tap device in a network namespace,
+  reached at the instance address through the namespace's address translation, as the daemon
+  runs VMs in network mode "namespace";
 - agent_control_channel: ECHO messages on the agent's control port, the same virtio-serial path
   without the multiplexer and the guest TCP hop, for comparison.
 It also times one 1 MiB echo over each path. The accelerator (KVM or TCG) and the reason for it
 are part of the results.
 
 Run:
-    .venv/bin/python bench/microvm_vsock.py [--round-trips 500]
+    .venv/bin/python bench/microvm_vsock.py [--round-trips 500] [--network user,tap] [--subnet-pool CIDR]
 """
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import socket
 import sys
@@ -30,6 +34,7 @@ from microvm_boot import IMAGE_CACHE, PAYLOAD, READY_TIMEOUT, SERVING_TIMEOUT, c
 
 from osvm.runtimes.microvm import MicroVmRuntime, detect_accelerator
 from osvm.runtimes.microvm.agent import AgentSession
+from osvm.runtimes.netns import InstanceNetwork, addressing_for
 from osvm.vsock import connect
 
 BULK_BYTES = 1024 * 1024
@@ -98,6 +103,36 @@ def tcp_bulk_seconds(connection: socket.socket, data: bytes) -> float:
     return time.perf_counter() - started
 
 
+async def measure_tap(
+    runtime: MicroVmRuntime, state_dir: Path, binary: Path, round_trips: int, pool: str
+) -> dict[str, Any]:
+    """Time TCP round trips and a 1 MiB echo to a VM on a tap device in its own network namespace."""
+    plan = make_plan(state_dir, 1, binary, 256)
+    addressing = addressing_for(0, pool)
+    plan = dataclasses.replace(plan, netns_name=InstanceNetwork(plan.instance_id, None).netns_name, addressing=addressing)
+    await runtime.prepare(plan)
+    handle = await runtime.start(plan)
+    try:
+        if not await runtime.wait_ready(handle, READY_TIMEOUT):
+            raise harness.BenchError(f"VM {plan.instance_id} not ready; see {plan.instance_dir}/serial.log")
+        port = int(plan.env["OSVM_PORT_ECHO"])
+        address = addressing.instance_address
+        connection = await asyncio.to_thread(wait_serving, port, time.monotonic() + SERVING_TIMEOUT, address)
+        try:
+            tcp = await asyncio.to_thread(tcp_round_trips, connection, round_trips)
+            tcp_bulk = await asyncio.to_thread(tcp_bulk_seconds, connection, os.urandom(BULK_BYTES))
+        finally:
+            connection.close()
+        await runtime.stop(handle, plan)
+        await runtime.wait(handle, plan)
+    finally:
+        if not handle.extra["exited"].done():
+            handle.extra["popen"].kill()
+            await runtime.wait(handle, plan)
+        await runtime.cleanup(plan)
+    return {"round_trip_64_bytes_us": harness.summarize(tcp), "echo_1_mib_s": round(tcp_bulk, 3)}
+
+
 async def measure(runtime: MicroVmRuntime, state_dir: Path, binary: Path, round_trips: int) -> dict[str, Any]:
     plan = make_plan(state_dir, 0, binary, 256)
     await runtime.prepare(plan)
@@ -135,7 +170,7 @@ async def measure(runtime: MicroVmRuntime, state_dir: Path, binary: Path, round_
     }
 
 
-async def run(round_trips: int) -> dict[str, Any]:
+async def run(round_trips: int, networks: list[str], pool: str) -> dict[str, Any]:
     accelerator, reason = detect_accelerator("auto")
     print(f"accelerator: {accelerator.upper()} ({reason})")
     with tempfile.TemporaryDirectory(prefix="osvm-bench-", dir="/tmp") as scratch:
@@ -144,6 +179,10 @@ async def run(round_trips: int) -> dict[str, Any]:
         binary = compile_echo_server(state_dir)
         runtime = MicroVmRuntime(state_dir, image_cache=IMAGE_CACHE)
         results = await measure(runtime, state_dir, binary, round_trips)
+        if "tap" in networks:
+            tap = await measure_tap(runtime, state_dir, binary, round_trips, pool)
+            results["round_trip_64_bytes_us"]["tcp_tap"] = tap["round_trip_64_bytes_us"]
+            results["echo_1_mib_s"]["tcp_tap"] = tap["echo_1_mib_s"]
     return {
         "accelerator": accelerator,
         "accelerator_reason": reason,
@@ -155,10 +194,24 @@ async def run(round_trips: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--round-trips", type=int, default=500, help="64-byte round trips per path (default 500)")
+    parser.add_argument(
+        "--network", default="user,tap" if os.geteuid() == 0 else "user",
+        help="comma-separated: user (always measured) and tap (needs root); default user,tap as root",
+    )
+    parser.add_argument(
+        "--subnet-pool", default="10.213.250.0/24",
+        help="IPv4 pool for the tap VM's veth pair; choose one that no host route uses (default 10.213.250.0/24)",
+    )
     options = parser.parse_args()
     if options.round_trips < 1:
         sys.exit("--round-trips must be at least 1")
-    results = asyncio.run(run(options.round_trips))
+    networks = [name.strip() for name in options.network.split(",") if name.strip()]
+    unknown = sorted(set(networks) - {"user", "tap"})
+    if unknown:
+        sys.exit(f"--network: unknown network {', '.join(unknown)}: use user and tap")
+    if "tap" in networks and os.geteuid() != 0:
+        sys.exit("--network tap needs root, to create the network namespace and tap device")
+    results = asyncio.run(run(options.round_trips, networks, options.subnet_pool))
     path = harness.write_results("microvm_vsock", results)
     print(f"\n{results['accelerator'].upper()}:")
     for channel, stats in results["round_trip_64_bytes_us"].items():

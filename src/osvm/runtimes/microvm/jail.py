@@ -26,7 +26,7 @@ SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 
 
 class JailError(Exception):
-    """The jail cannot be built on this host; the message says what to install."""
+    """The jail cannot be built on this host; the message names the package to install."""
 
 
 def jail_argv(
