@@ -4,7 +4,9 @@ The tests marked root create real cgroups under the host's cgroup root and
 check kernel enforcement. They run on whichever layout the host has (v1 or
 v2). Tests named test_v2_layout_* check what the v2 code path writes, in a
 plain directory tree that imitates the kernel's cgroup v2 files, so they run
-on any host and check no enforcement.
+on any host and check no enforcement. Tests named test_v2_kernel_* run the v2
+code path's joining, membership and cgroup.kill on the kernel's cgroup2 mount,
+which a host with v1 controllers may also have, without any controller.
 """
 
 from __future__ import annotations
@@ -608,3 +610,79 @@ def test_v2_layout_busy_root_explains_fix(fake_v2_root, monkeypatch):
 
     assert raised.value.errno == errno.EBUSY
     assert raised.value.path == fake_v2_root / "cgroup.subtree_control"
+
+
+# The kernel's cgroup v2 hierarchy, for what needs no controller: joining, membership and
+# cgroup.kill. A host with v1 controllers may still mount the unified hierarchy (at
+# /sys/fs/cgroup/unified on this project's test machines) without the memory and pids
+# controllers, so detect_layout() rejects it and the cgroup is built directly on it.
+
+
+def _cgroup2_mount() -> Path | None:
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split(" - ", 1)
+        if len(fields) == 2 and fields[1].split()[0] == "cgroup2":
+            return Path(cgroups._unescape_mountinfo(fields[0].split()[4]))
+    return None
+
+
+@pytest.fixture
+def real_v2_cgroup() -> Cgroup:
+    if os.geteuid() != 0:
+        pytest.skip("cgroup tests need root to create cgroups")
+    mount = _cgroup2_mount()
+    if mount is None:
+        pytest.skip("the kernel's cgroup v2 hierarchy (cgroup2) is not mounted")
+    parent = mount / f"osvm-test-v2-{os.getpid()}"
+    parent.mkdir()
+    # The root cgroup never has cgroup.kill, so a new child shows whether the kernel has it.
+    if not (parent / "cgroup.kill").exists():
+        parent.rmdir()
+        pytest.skip("the kernel has no cgroup.kill (Linux 5.14 or newer)")
+    (parent / "node").mkdir()
+    cgroup = Cgroup("node", "v2", [parent / "node"])
+    try:
+        yield cgroup
+    finally:
+        # The processes are the test's own; the processes fixture has killed them by pid already.
+        wait_until(lambda: not cgroup.pids())
+        for directory in [*cgroup._tree_dirs(), parent]:
+            if directory.is_dir():
+                directory.rmdir()
+
+
+@pytest.mark.root
+def test_v2_kernel_join_and_kill(real_v2_cgroup, processes):
+    from osvm.runtimes.sandbox import cgroup_join_prefix
+
+    cgroup = real_v2_cgroup
+    process = subprocess.Popen(
+        [*cgroup_join_prefix(cgroup.procs_files()), "sh", "-c", "for i in 1 2 3; do sleep 100 & done; wait"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    processes.append(process)
+    assert wait_until(lambda: len(cgroup.pids()) == 4)
+    assert process.pid in cgroup.pids()
+    assert cgroup.contains(process.pid)
+    assert not cgroup.contains(os.getpid())
+
+    killed = cgroup.kill_all()
+
+    assert killed == 4
+    assert cgroup.pids() == set()
+    assert process.wait(timeout=10) == -signal.SIGKILL
+
+
+@pytest.mark.root
+def test_v2_kernel_remove_with_child(real_v2_cgroup, processes):
+    cgroup = real_v2_cgroup
+    child = cgroup.paths[0] / "worker"
+    child.mkdir()
+    start_in(Cgroup("worker", "v2", [child]), "exec sleep 100", processes)
+    assert wait_until(lambda: len(cgroup.pids()) == 1)
+
+    cgroup.remove()
+
+    assert not cgroup.paths[0].exists()
+    assert cgroup.pids() == set()
