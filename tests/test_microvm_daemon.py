@@ -329,6 +329,11 @@ def test_vm_component_serves_through_endpoint(vm_osvm: Osvm, server_binary: Path
     assert len(started) == 1, started
     assert "microVM" in started[0]["reason"]
     assert accelerator in started[0]["reason"]
+    assert instance["vm"]["accelerator"].upper() == accelerator
+    assert instance["vm"]["network"] == "user"
+    assert instance["vm"]["memory_mib"] == 256
+    table = vm_osvm.cli("status").stdout
+    assert f"microvm/{accelerator}" in table
 
     reply = rpc_call(port, request_id=7)
     assert reply["result"] == "1"
@@ -413,6 +418,7 @@ def test_down_removes_vm_resources(vm_osvm: Osvm, server_binary: Path) -> None:
     instance_dir = vm_osvm.state_dir / "instances" / instance["id"]
     assert rpc_call(port)["result"] == "1"
     assert instance["address"] != "127.0.0.1"
+    assert instance["vm"]["network"] == "tap"
     assert (instance_dir / "root.qcow2").exists()
     assert sorted(path.name for path in instance_dir.glob("*.sock")) == [
         "agent.sock", "exec.sock", "qmp.sock", "vsock-port.sock", "vsock.sock",

@@ -27,6 +27,14 @@ def duration(seconds: float | None) -> str:
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
+def _runtime_label(instance: dict[str, Any]) -> str:
+    """Return "process", "process (no isolation)" or "microvm/TCG", naming a VM's accelerator."""
+    vm = instance.get("vm")
+    if vm:
+        return f"{instance['runtime']}/{str(vm['accelerator']).upper()}"
+    return instance["runtime"] + ("" if instance["isolated"] else " (no isolation)")
+
+
 def status_table(status: dict[str, Any]) -> str:
     headers = ["COMPONENT", "REV", "INSTANCE", "RUNTIME", "STATE", "HEALTH", "PID", "UPTIME", "RESTARTS", "PORTS"]
     rows: list[list[str]] = []
@@ -46,7 +54,7 @@ def status_table(status: dict[str, Any]) -> str:
                     component["name"],
                     str(instance["revision"]),
                     instance["id"],
-                    instance["runtime"] + ("" if instance["isolated"] else " (no isolation)"),
+                    _runtime_label(instance),
                     instance["state"],
                     instance["health"],
                     str(instance["pid"] or "-"),

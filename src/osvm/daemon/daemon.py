@@ -18,6 +18,7 @@ from osvm.metrics.registry import Metrics
 from osvm.reconcile.certificates import CertificateManager
 from osvm.security.ca import CAError
 from osvm.reconcile.reconciler import DEFAULT_SUBNET_POOL, Reconciler
+from osvm.runtimes.base import LaunchPlan
 from osvm.runtimes.process import ProcessRuntime
 from osvm.store import Store
 from osvm.store.events import EventBus
@@ -170,6 +171,7 @@ class Daemon:
                         "netns": instance.netns,
                         "exit_reason": instance.exit_reason,
                         "probes": supervisor.monitor.describe() if supervisor.monitor else [],
+                        "vm": _vm_status(supervisor.runtime, supervisor.plan),
                     }
                 )
             endpoint = self.reconciler.endpoint(record.name)
@@ -250,3 +252,9 @@ def run_daemon(state_dir: Path, isolation: bool | None, subnet_pool: str, metric
         logger.error("%s", error)
         return 1
     return 0
+
+
+def _vm_status(runtime: object, plan: LaunchPlan) -> dict[str, Any] | None:
+    """Return the accelerator, network and size of a VM instance, or None for other runtimes."""
+    describe = getattr(runtime, "vm_status", None)
+    return describe(plan) if describe is not None else None

@@ -401,6 +401,19 @@ class MicroVmRuntime:
             f"{instance.accelerator.upper()} ({instance.accelerator_reason})"
         )
 
+    def vm_status(self, plan: LaunchPlan) -> dict[str, object] | None:
+        """Return the accelerator, network mode, vCPUs and memory of a prepared instance, for `osvm status`."""
+        instance = self._instances.get(plan.instance_id) or VmInstance.load(plan.instance_dir)
+        if instance is None:
+            return None
+        return {
+            "accelerator": instance.accelerator,
+            "accelerator_reason": instance.accelerator_reason,
+            "network": instance.network,
+            "vcpus": instance.vcpus,
+            "memory_mib": instance.memory >> 20,
+        }
+
     def record_start(self, handle: ProcessHandle, plan: LaunchPlan) -> None:
         handle.extra["oom_kills_at_start"] = self._oom_kills(plan.instance_id)
 
