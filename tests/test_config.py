@@ -53,6 +53,14 @@ command = ["redis-server"]
 depends_on = ["rpc"]
 """
 
+# BASE as a microVM; the bad cases append keys to its [components.rpc.vm] table.
+MICROVM = BASE + """\
+runtime = "microvm"
+image = { kind = "binary", path = "/usr/local/bin/ganache" }
+
+[components.rpc.vm]
+"""
+
 # Each case: id, file text, field path of the issue, and a fragment of its message with the fix.
 BAD_FILES = [
     ("unknown top-level key", 'name = "test"\nversion = 2\n' + BASE[len('name = "test"\n'):],
@@ -180,6 +188,17 @@ BAD_FILES = [
      "components", "missing required key 'components'"),
     ("bad network mode", BASE + 'network = { mode = "bridge" }\n',
      "components.rpc.network.mode", "invalid value 'bridge': use 'host' or 'namespace'"),
+    ("host port zero", MICROVM + "host_ports = [0]\n",
+     "components.rpc.vm.host_ports[0]", "invalid host port 0: use a number from 1 to 65535"),
+    ("host port too large", MICROVM + "host_ports = [5000, 70000]\n",
+     "components.rpc.vm.host_ports[1]", "invalid host port 70000: use a number from 1 to 65535"),
+    ("host port listed twice", MICROVM + "host_ports = [5000, 6000, 5000]\n",
+     "components.rpc.vm.host_ports[2]", "host port 5000 is listed twice, also at host_ports[0]: remove one"),
+    ("too many host ports", MICROVM + f"host_ports = {list(range(1000, 1033))}\n",
+     "components.rpc.vm.host_ports", "33 host ports listed, at most 32 are supported: remove some"),
+    ("host port equal to fixed port", MICROVM.replace("[components.rpc.vm]", "ports = { rpc = 8545 }\n\n[components.rpc.vm]")
+     + "host_ports = [8545]\n",
+     "components.rpc.vm.host_ports[0]", "host port 8545 is also the fixed port ports.rpc"),
 ]
 
 
@@ -535,6 +554,14 @@ def test_stop_signal_normalized() -> None:
     component = parse_deployment(BASE + 'stop_signal = "int"\n', "deploy.toml").components["rpc"]
 
     assert component.stop_signal == "SIGINT"
+
+
+def test_host_ports_parsed() -> None:
+    deployment = parse_deployment(MICROVM + "host_ports = [5000, 65535]\n", "deploy.toml")
+
+    vm = deployment.components["rpc"].vm
+    assert vm is not None
+    assert vm.host_ports == [5000, 65535]
 
 
 def test_allocated_ports_may_repeat() -> None:

@@ -33,6 +33,7 @@ from osvm.runtimes.base import LaunchPlan, ProcessHandle
 from osvm.runtimes.microvm import MicroVmRuntime, detect_accelerator
 from osvm.runtimes.microvm.guest_exec import echo, run_in_guest
 from osvm.runtimes.microvm.protocol import encode_exec
+from osvm.runtimes.microvm.qemu import QemuConfig, build_qemu_argv
 from osvm.runtimes.cgroups import CONTROLLERS, DEFAULT_ROOT, Cgroup
 from osvm.runtimes.microvm.qmp import qmp_execute
 from osvm.runtimes.netns import InstanceNetwork, addressing_for
@@ -124,6 +125,33 @@ def test_detect_accelerator_names_reason() -> None:
 
 def test_detect_accelerator_tcg_requested() -> None:
     assert detect_accelerator("tcg")[0] == "tcg"
+
+
+def test_kernel_command_line_host_ports(tmp_path: Path) -> None:
+    config = QemuConfig(
+        name="web-1-hhhhhh",
+        accelerator="tcg",
+        vcpus=1,
+        memory_mib=256,
+        kernel=tmp_path / "vmlinux",
+        initrd=tmp_path / "initrd.img",
+        kernel_args=["osvm.host_ports=1", "loglevel=4"],
+        instance_dir=tmp_path,
+        log_path=tmp_path / "output.log",
+        ports=[],
+        restrict_network=False,
+    )
+
+    def kernel_args(config: QemuConfig) -> list[str]:
+        argv = build_qemu_argv(config, "qemu-system-x86_64")
+        return argv[argv.index("-append") + 1].split()
+
+    without_ports = kernel_args(config)
+    assert without_ports[-2:] == ["osvm.host_ports=1", "loglevel=4"]
+
+    # The agent uses the last osvm.host_ports=, so vm.host_ports must come after vm.kernel_args.
+    with_ports = kernel_args(dataclasses.replace(config, host_ports=[5000, 6000]))
+    assert with_ports[-3:] == ["osvm.host_ports=1", "loglevel=4", "osvm.host_ports=5000,6000"]
 
 
 async def test_vm_serves_http_and_exec(vms: VmTracker, server_binary: Path) -> None:

@@ -109,8 +109,12 @@ def make_plan(
     command: list[str] | str | None = None,
     image_format: str = "initramfs",
     grace: float = 3.0,
+    host_ports: list[int] | None = None,
 ) -> LaunchPlan:
-    """Build a LaunchPlan the way the reconciler's _plan_for does, with one allocated port "http"."""
+    """Build a LaunchPlan the way the reconciler's _plan_for does, with one allocated port "http".
+
+    host_ports becomes vm.host_ports: vsock ports on the host that guest programs may connect to.
+    """
     port = free_port()
     spec = Component(
         command=command if command is not None else [str(binary)],
@@ -118,7 +122,7 @@ def make_plan(
         runtime="microvm",
         ports={"http": port},
         stop_grace_period=grace,
-        vm=VmSettings(vcpus=1, memory=256 * 1024 * 1024, accel="auto"),
+        vm=VmSettings(vcpus=1, memory=256 * 1024 * 1024, accel="auto", host_ports=host_ports or []),
         image=ImageSpec(kind="binary", path=str(binary), format=image_format),
     )
     instance_dir = state_dir / "instances" / instance_id

@@ -2,17 +2,22 @@
 
 The guest runs a static TCP echo server on $OSVM_PORT_HTTP. Host clients reach it through
 <instance_dir>/vsock.sock with osvm.vsock.connect(), which the runtime's HybridVsockMux carries
-over the virtio-serial port "osvm.vsock" to the guest agent. No test opens an AF_VSOCK socket.
+over the virtio-serial port "osvm.vsock" to the guest agent. In the other direction, the VM has
+vm.host_ports = [HOST_PORT]: busybox nc in the guest connects to 127.0.0.1:HOST_PORT, and the
+test serves <instance_dir>/vsock.sock_<HOST_PORT> on the host. No test opens an AF_VSOCK socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
@@ -22,13 +27,19 @@ from osvm.images.kernel import KernelError, fetch_kernel
 from osvm.runtimes import procinfo
 from osvm.runtimes.base import LaunchPlan, ProcessHandle
 from osvm.runtimes.microvm import MicroVmRuntime
-from osvm.vsock import GuestPortRefused, VsockConnectError, connect
+from osvm.vsock import GuestPortRefused, VsockConnectError, connect, serve_guest_port
+from osvm.vsock.hybrid import StreamHandler
 from test_microvm_support import IMAGE_CACHE, make_plan, require_qemu
 
 # A boot under TCG takes 2 to 10 s on a loaded 2-core host.
 READY_TIMEOUT = 60.0
 # How long a test retries CONNECT while the echo server in the guest starts listening.
 LISTEN_TIMEOUT = 30.0
+# The VM's vm.host_ports entry. It is below the kernel's ephemeral range, so the echo server's
+# allocated port never equals it.
+HOST_PORT = 5000
+# Time allowed for a command run in the guest through the exec channel, in seconds.
+GUEST_COMMAND_TIMEOUT = 120.0
 
 # A static TCP echo server on $OSVM_PORT_HTTP: one child per client, which echoes until EOF.
 ECHO_SERVER_SOURCE = r"""
@@ -131,12 +142,16 @@ class EchoVm:
     def port(self) -> int:
         return int(self.plan.env["OSVM_PORT_HTTP"])
 
+    @property
+    def exec_socket(self) -> Path:
+        return self.plan.instance_dir / "exec.sock"
+
 
 @pytest.fixture
 async def echo_vm(state_dir: Path, echo_server: Path) -> AsyncIterator[EchoVm]:
     """Boot one VM. Teardown kills QEMU by pid if it still runs, runs cleanup() and checks what is left."""
     runtime = MicroVmRuntime(state_dir, image_cache=IMAGE_CACHE)
-    plan = make_plan(state_dir, "echo-1-vsock0", echo_server)
+    plan = make_plan(state_dir, "echo-1-vsock0", echo_server, host_ports=[HOST_PORT])
     await runtime.prepare(plan)
     handle = await runtime.start(plan)
     try:
@@ -184,6 +199,54 @@ async def round_trip_open(reader: asyncio.StreamReader, writer: asyncio.StreamWr
     writer.write(data)
     await writer.drain()
     return await reader.readexactly(len(data))
+
+
+@dataclass
+class GuestResult:
+    returncode: int
+    # stdout and stderr of the command in the guest (their last 4 KiB), or guest_exec's own error.
+    output: str
+
+
+async def run_in_guest_shell(vm: EchoVm, script: str) -> GuestResult:
+    """Run `sh -c script` in the guest through guest_exec, without blocking the event loop that serves the host side."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "osvm.runtimes.microvm.guest_exec",
+        "--socket", str(vm.exec_socket), "--timeout", f"{GUEST_COMMAND_TIMEOUT:g}", "--", "sh", "-c", script,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), GUEST_COMMAND_TIMEOUT + 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return GuestResult(process.returncode, output.decode(errors="replace"))
+
+
+async def run_with_host_listener(vm: EchoVm, handler: StreamHandler, script: str) -> GuestResult:
+    """Serve vsock.sock_<HOST_PORT> with handler while `sh -c script` runs in the guest."""
+    server = await serve_guest_port(vm.vsock_path, HOST_PORT, handler)
+    try:
+        return await run_in_guest_shell(vm, script)
+    finally:
+        await server.close()
+
+
+def reply_handler(received: list[bytes]) -> StreamHandler:
+    """Return a handler that reads a guest connection to its EOF, stores the data and replies "reply to <data>"."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # nc shuts down its sending side at the end of its input, so read() ends at the guest's EOF.
+        data = await reader.read()
+        received.append(data)
+        writer.write(b"reply to " + data)
+        await writer.drain()
+        writer.close()
+
+    return reply
 
 
 # --- tests -------------------------------------------------------------------------------------
@@ -288,7 +351,7 @@ async def test_vsock_after_adoption(echo_vm: EchoVm) -> None:
 async def test_vsock_sockets_removed_after_stop(echo_vm: EchoVm) -> None:
     reader, writer = await connect_when_listening(echo_vm)
     writer.close()
-    # A leftover guest-initiated port socket, as serve_guest_port() would leave it, goes too.
+    # A leftover guest-initiated port socket, as serve_guest_port() would leave it, goes at cleanup.
     stray = echo_vm.plan.instance_dir / "vsock.sock_1024"
     stray_server = await asyncio.start_unix_server(lambda r, w: None, path=str(stray))
     stray_server.close()
@@ -299,9 +362,111 @@ async def test_vsock_sockets_removed_after_stop(echo_vm: EchoVm) -> None:
     await echo_vm.runtime.wait(echo_vm.handle, echo_vm.plan)
     assert not echo_vm.vsock_path.exists()
 
+    # A restart keeps the host programs' listening sockets.
+    restarted = await echo_vm.runtime.start(echo_vm.plan)
+    assert stray.exists()
+    await echo_vm.runtime.stop(restarted, echo_vm.plan)
+    await echo_vm.runtime.wait(restarted, echo_vm.plan)
+
     await echo_vm.runtime.cleanup(echo_vm.plan)
     left = sorted(path.name for path in echo_vm.plan.instance_dir.glob("*.sock*"))
     assert left == []
+
+
+async def test_guest_connects_to_host_port(echo_vm: EchoVm) -> None:
+    # More connections, one after another, than the agent has channel slots (128), so a slot that
+    # is not freed after a guest-opened channel closes makes a later connection fail.
+    received: list[bytes] = []
+    script = f"for i in $(seq 1 140); do echo hello $i | nc 127.0.0.1 {HOST_PORT}; done"
+    result = await run_with_host_listener(echo_vm, reply_handler(received), script)
+
+    assert result.returncode == 0, result.output
+    assert received == [b"hello %d\n" % index for index in range(1, 141)]
+    assert result.output == "".join(f"reply to hello {index}\n" for index in range(1, 141))
+
+
+async def test_guest_to_host_bulk_both_ways(echo_vm: EchoVm) -> None:
+    # Each direction carries more than the peer's 256 KiB window, so each side must wait for CREDIT.
+    to_guest = os.urandom(1024 * 1024)
+    received: list[bytes] = []
+
+    async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def send() -> None:
+            writer.write(to_guest)
+            await writer.drain()
+
+        sender = asyncio.create_task(send())
+        received.append(await reader.read())
+        await sender
+        writer.close()
+
+    script = f"seq 1 200000 | nc 127.0.0.1 {HOST_PORT} | sha256sum"
+    result = await run_with_host_listener(echo_vm, exchange, script)
+
+    assert result.returncode == 0, result.output
+    assert len(received) == 1
+    expected = "".join(f"{number}\n" for number in range(1, 200001)).encode()
+    assert len(received[0]) == len(expected)
+    assert received[0] == expected
+    assert result.output.split() == [hashlib.sha256(to_guest).hexdigest(), "-"]
+
+
+async def test_guest_connection_without_host_listener(echo_vm: EchoVm) -> None:
+    # Nothing listens on vsock.sock_<HOST_PORT>, so the host sends OPEN_FAIL and the agent resets
+    # the guest connection. nc receives no data and exits.
+    script = (
+        f"echo hello | nc 127.0.0.1 {HOST_PORT} > /tmp/received 2>/dev/null; "
+        f"echo received $(wc -c < /tmp/received) bytes"
+    )
+    result = await run_in_guest_shell(echo_vm, script)
+
+    assert result.returncode == 0, result.output
+    assert result.output == "received 0 bytes\n"
+    serial_log = (echo_vm.plan.instance_dir / "serial.log").read_text(errors="replace")
+    assert f"closing a guest connection to host port {HOST_PORT}: the host sent OPEN_FAIL with errno 111" in serial_log
+
+    # The refused channel left no state behind: a listener that starts now gets the next connection.
+    received: list[bytes] = []
+    result = await run_with_host_listener(echo_vm, reply_handler(received), f"echo hello | nc 127.0.0.1 {HOST_PORT}")
+    assert result.returncode == 0, result.output
+    assert received == [b"hello\n"]
+    assert result.output == "reply to hello\n"
+
+
+async def test_mux_close_resets_guest_connection(echo_vm: EchoVm) -> None:
+    connected = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A line from the guest proves that the channel is open. The handler then keeps it open.
+        await reader.readline()
+        connected.set()
+        await release.wait()
+        writer.close()
+
+    server = await serve_guest_port(echo_vm.vsock_path, HOST_PORT, hold)
+    # A FIFO keeps nc's input open without a pipeline, which would wait for its writer to end too.
+    script = (
+        "mkfifo /tmp/nc-input; "
+        "(echo ready; exec sleep 600) > /tmp/nc-input & "
+        f"nc 127.0.0.1 {HOST_PORT} < /tmp/nc-input > /tmp/received 2>/dev/null; "
+        "kill $!; echo received $(wc -c < /tmp/received) bytes"
+    )
+    guest = asyncio.create_task(run_in_guest_shell(echo_vm, script))
+    try:
+        await asyncio.wait_for(connected.wait(), 60)
+        # The multiplexer ends as it does when the daemon dies: every channel ends without a close exchange.
+        await echo_vm.handle.extra["vsock"].close()
+        result = await asyncio.wait_for(guest, 60)
+    finally:
+        release.set()
+        if not guest.done():
+            guest.cancel()
+        await asyncio.gather(guest, return_exceptions=True)
+        await server.close()
+
+    assert result.returncode == 0, result.output
+    assert result.output == "received 0 bytes\n"
 
 
 # --- helpers -----------------------------------------------------------------------------------

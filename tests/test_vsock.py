@@ -547,6 +547,25 @@ async def test_guest_connection_refused_without_listener(pair: VsockPair) -> Non
     assert raised.value.errno == errno.ECONNREFUSED
 
 
+async def test_guest_connection_to_unlisted_port_rejected(pair: VsockPair) -> None:
+    pair.host.guest_ports = {HOST_PORT}
+    listed = await serve_guest_port(pair.uds_path, HOST_PORT, echo)
+    unlisted = await serve_guest_port(pair.uds_path, HOST_PORT + 1, echo)
+    try:
+        with pytest.raises(ChannelRefused) as raised:
+            await pair.guest.connect(HOST_PORT + 1)
+        assert raised.value.errno == errno.EACCES
+
+        reader, writer = await pair.guest.connect(HOST_PORT)
+        writer.write(b"listed")
+        writer.write_eof()
+        assert await asyncio.wait_for(_read_all(reader), 5) == b"listed"
+        writer.close()
+    finally:
+        await listed.close()
+        await unlisted.close()
+
+
 async def test_serve_guest_port_replaces_stale_socket(short_dir: Path) -> None:
     uds_path = str(short_dir / "v.sock")
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -32,6 +32,9 @@ NON_TERMINATING_SIGNALS = ("SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGCONT"
 SUPPORTED_RUNTIMES = ("process", "microvm")
 PLANNED_RUNTIMES = ("unikernel",)
 
+# Maximum number of vm.host_ports per VM: the guest agent's listener slots (MAX_HOST_PORTS in agent.c).
+MAX_HOST_PORTS = 32
+
 
 FieldPath = tuple[str | int, ...]
 
@@ -292,6 +295,31 @@ class VmSettings(StrictModel):
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     # Extra kernel command line arguments.
     kernel_args: list[str] = []
+    # vsock ports on the host that guest programs may connect to. The agent listens on guest TCP
+    # 127.0.0.1:P for each port P and carries each connection to <instance_dir>/vsock.sock_<P>.
+    host_ports: list[int] = []
+
+    @field_validator("host_ports")
+    @classmethod
+    def _check_host_ports(cls, ports: list[int]) -> list[int]:
+        problems: list[tuple[FieldPath, str]] = []
+        if len(ports) > MAX_HOST_PORTS:
+            problems.append(((), f"{len(ports)} host ports listed, at most {MAX_HOST_PORTS} are supported: remove some"))
+        first_index: dict[int, int] = {}
+        for index, port in enumerate(ports):
+            if not 1 <= port <= 65535:
+                # The agent listens on guest TCP port P, so vsock ports above 65535 cannot be offered.
+                problems.append(((index,), f"invalid host port {port}: use a number from 1 to 65535"))
+            elif port in first_index:
+                problems.append((
+                    (index,),
+                    f"host port {port} is listed twice, also at host_ports[{first_index[port]}]: remove one",
+                ))
+            else:
+                first_index[port] = index
+        if problems:
+            raise InvalidFields(problems)
+        return ports
 
 
 # --- probes ----------------------------------------------------------------------------------
@@ -485,11 +513,26 @@ class Component(StrictModel):
         if self.runtime == "microvm":
             if self.image is None:
                 return [(("image",), "runtime \"microvm\" needs an [image] table: set kind and path or packages")]
-            return []
+            return self._host_port_problems()
         problems: list[tuple[FieldPath, str]] = []
         for key in ("vm", "image"):
             if getattr(self, key) is not None:
                 problems.append(((key,), f"{key} applies only to runtime \"microvm\": remove it or set runtime = \"microvm\""))
+        return problems
+
+    def _host_port_problems(self) -> list[tuple[FieldPath, str]]:
+        """Report host ports that equal a fixed port, because the agent and the component would both listen on it."""
+        if self.vm is None:
+            return []
+        fixed = {number: name for name, number in self.ports.items() if number}
+        problems: list[tuple[FieldPath, str]] = []
+        for index, port in enumerate(self.vm.host_ports):
+            if port in fixed:
+                problems.append((
+                    ("vm", "host_ports", index),
+                    f"host port {port} is also the fixed port ports.{fixed[port]}, so the agent's listener on "
+                    f"127.0.0.1:{port} in the guest would take the component's port: choose another host port",
+                ))
         return problems
 
     def _endpoint_problems(self) -> list[tuple[FieldPath, str]]:
@@ -594,8 +637,12 @@ class Component(StrictModel):
         return self.model_copy(update=update)
 
     def spec_hash(self) -> str:
-        """Return a stable hash of the spec, used to decide whether a change makes a new revision."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Return a stable hash of the spec, used to decide whether a change makes a new revision.
+
+        Fields left at their defaults are not part of it, so a field added to the model, or a default
+        written out in the file, does not make a new revision.
+        """
+        canonical = json.dumps(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

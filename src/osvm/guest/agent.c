@@ -7,9 +7,10 @@
  * with the component's argv and environment. The component's stdout and stderr go to the port "osvm.log",
  * which QEMU appends to the instance's output.log. Exec probes arrive on "osvm.exec" (or on
  * "osvm.agent"). The port "osvm.vsock" carries host streams to guest TCP listeners, using the
- * multiplexer protocol of docs/firecracker.md. A SHUTDOWN message, the ACPI power button, SIGTERM
- * or SIGPWR stop the component with its stop signal, then SIGKILL after the grace period, then
- * power the VM off. When the component exits on its own, the agent powers the VM off too, so
+ * multiplexer protocol of docs/firecracker.md. It also carries guest connections to 127.0.0.1:P
+ * to the host, for each host port P in osvm.host_ports= on the kernel command line. A SHUTDOWN
+ * message, the ACPI power button, SIGTERM or SIGPWR stop the component with its stop signal, then SIGKILL after
+ * the grace period, then power the VM off. When the component exits on its own, the agent powers the VM off too, so
  * QEMU's exit is the instance's exit.
  *
  * The wire format is described in src/osvm/runtimes/microvm/protocol.py, which must stay in step
@@ -1038,15 +1039,16 @@ static void parse_frames(struct channel *channel) {
     }
 }
 
-/* --- vsock multiplexer: host streams to guest TCP listeners ------------------------------- */
+/* --- vsock multiplexer: streams between host programs and guest TCP sockets --------------- */
 
 /*
  * The port "osvm.vsock" carries the guest side of the multiplexer protocol in docs/firecracker.md,
  * whose host side is osvm.vsock.HybridVsockMux. For each OPEN(port, window) from the host the
- * agent connects to 127.0.0.1:<port> in the guest and joins that socket to the channel. Every
- * frame is a 9-byte header (type u8, channel u32, payload length u32, big-endian) and a payload.
- * NOTE: guest-initiated streams (OPEN_TO_HOST) are not implemented, so guest programs cannot
- * reach the host's <uds_path>_<port> listeners.
+ * agent connects to 127.0.0.1:<port> in the guest and joins that socket to the channel. In the
+ * other direction, the agent listens on 127.0.0.1:P for each host port P in osvm.host_ports=, and
+ * opens a channel with OPEN_TO_HOST(P, window) for each connection it accepts there. The host
+ * joins that channel to <uds_path>_<P>. Every frame is a 9-byte header (type u8, channel u32,
+ * payload length u32, big-endian) and a payload.
  */
 #define VSOCK_HEADER_SIZE 9
 #define VSOCK_MAX_PAYLOAD 65536u
@@ -1062,6 +1064,12 @@ static void parse_frames(struct channel *channel) {
 #define VSOCK_OUT_HIGH_WATER (1u << 20)
 #define VSOCK_GUEST_CHANNEL_BIT 0x80000000u
 #define VSOCK_PROTOCOL_VERSION 1
+/* Maximum number of ports in osvm.host_ports=. models.py enforces the same limit on vm.host_ports. */
+#define MAX_HOST_PORTS 32
+/* How long a guest connection to a host port waits for the host's HELLO and then for OPEN_OK, in total. */
+#define VSOCK_OPEN_TO_HOST_TIMEOUT_MS 10000
+/* Failed guest connections to one host port are logged at most this often, because programs retry in loops. */
+#define VSOCK_FAILURE_LOG_INTERVAL_MS 10000
 
 enum vsock_frame_type {
     VSOCK_HELLO = 0,
@@ -1080,14 +1088,33 @@ static const char *const vsock_frame_names[] = {"HELLO", "OPEN", "OPEN_OK", "OPE
 /* Payload length of each frame type; DATA (-1) is checked separately. */
 static const int vsock_payload_length[] = {8, 8, 4, 4, -1, 4, 0, 0, 8};
 
+/* A guest TCP listener on 127.0.0.1:<port> for the host port <port>. */
+struct vsock_listener {
+    uint32_t port;
+    /* The listening socket, or -1 when listening failed. */
+    int fd;
+    /* Failed guest connections since the last log line about them, and when that line was logged (-1: never). */
+    unsigned long failures;
+    int64_t failure_logged_ms;
+};
+
 struct vsock_stream {
     int used;
+    /* The channel id; 0 while a guest connection waits for the host's HELLO. */
     uint32_t id;
+    /* The guest port for a host-opened stream, the host port for a guest-opened one. */
     uint32_t port;
     /* The guest TCP socket, or -1 once it is closed. */
     int fd;
+    /* Host-opened: the connect to the guest listener is in progress. */
     int connecting;
-    /* The connect timeout, or the flush limit after the host's CLOSE; -1 when neither runs. */
+    /* The listener that accepted a guest-opened stream, else NULL. */
+    struct vsock_listener *listener;
+    /* Guest-opened: waiting for the host's HELLO before OPEN_TO_HOST, then for OPEN_OK or OPEN_FAIL.
+     * A stream that waits for OPEN_OK with fd -1 gave up, and keeps its id until the host's reply. */
+    int awaiting_hello;
+    int awaiting_open_ok;
+    /* The connect or open timeout, or the flush limit after the host's CLOSE; -1 when none runs. */
     int64_t deadline_ms;
     uint32_t peer_window;
     /* DATA bytes sent to the host and not yet credited. */
@@ -1104,6 +1131,10 @@ struct vsock_stream {
 };
 
 static struct vsock_stream vsock_streams[MAX_VSOCK_STREAMS];
+static struct vsock_listener host_listeners[MAX_HOST_PORTS];
+static int host_listener_count;
+/* The last guest channel id handed out, without VSOCK_GUEST_CHANNEL_BIT. */
+static uint32_t vsock_last_guest_id;
 static int vsock_peer_ready;
 /* Set after a protocol error. Input is then discarded until the host connects again. */
 static int vsock_broken;
@@ -1134,9 +1165,28 @@ static void vsock_send_u32(uint8_t type, uint32_t id, uint32_t value) {
 
 static struct vsock_stream *vsock_find(uint32_t id) {
     for (int i = 0; i < MAX_VSOCK_STREAMS; i++)
-        if (vsock_streams[i].used && vsock_streams[i].id == id)
+        if (vsock_streams[i].used && !vsock_streams[i].awaiting_hello && vsock_streams[i].id == id)
             return &vsock_streams[i];
     return NULL;
+}
+
+static struct vsock_stream *vsock_unused_slot(void) {
+    for (int i = 0; i < MAX_VSOCK_STREAMS; i++)
+        if (!vsock_streams[i].used)
+            return &vsock_streams[i];
+    return NULL;
+}
+
+/* Return true until the channel is open both ways: before OPEN_OK is sent or received. */
+static int vsock_opening(const struct vsock_stream *stream) {
+    return stream->connecting || stream->awaiting_hello || stream->awaiting_open_ok;
+}
+
+/* Make the next close() of a TCP socket send RST, so its program gets ECONNRESET instead of EOF. */
+static void set_reset_on_close(int fd) {
+    struct linger linger = {.l_onoff = 1, .l_linger = 0};
+    if (fd >= 0)
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, sizeof linger);
 }
 
 static void vsock_close_local(struct vsock_stream *stream) {
@@ -1167,17 +1217,19 @@ static void vsock_finish(struct vsock_stream *stream) {
 
 static void vsock_reset(struct vsock_stream *stream, const char *reason) {
     say("vsock: resetting channel %#x to port %u: %s", stream->id, stream->port, reason);
-    struct linger linger = {.l_onoff = 1, .l_linger = 0};
-    if (stream->fd >= 0)
-        setsockopt(stream->fd, SOL_SOCKET, SO_LINGER, &linger, sizeof linger);
+    set_reset_on_close(stream->fd);
     vsock_finish(stream);
 }
 
-/* Drop every channel without CLOSE, because the host side no longer tracks them. */
+/* Drop every channel without CLOSE and reset its guest socket, because the host side no longer
+ * tracks them. Guest connections that still wait for HELLO have no channel yet, so they stay. */
 static void vsock_drop_all(void) {
-    for (int i = 0; i < MAX_VSOCK_STREAMS; i++)
-        if (vsock_streams[i].used)
+    for (int i = 0; i < MAX_VSOCK_STREAMS; i++) {
+        if (vsock_streams[i].used && !vsock_streams[i].awaiting_hello) {
+            set_reset_on_close(vsock_streams[i].fd);
             vsock_free(&vsock_streams[i]);
+        }
+    }
 }
 
 static void vsock_protocol_error(const char *format, ...) {
@@ -1205,10 +1257,7 @@ static void vsock_open(uint32_t id, uint32_t port, uint32_t window) {
         vsock_protocol_error("OPEN on channel %#x offers a window of 0 bytes", id);
         return;
     }
-    struct vsock_stream *stream = NULL;
-    for (int i = 0; i < MAX_VSOCK_STREAMS && stream == NULL; i++)
-        if (!vsock_streams[i].used)
-            stream = &vsock_streams[i];
+    struct vsock_stream *stream = vsock_unused_slot();
     if (stream == NULL) {
         vsock_send_u32(VSOCK_OPEN_FAIL, id, EMFILE);
         return;
@@ -1262,10 +1311,177 @@ static void vsock_finish_connect(struct vsock_stream *stream, int timed_out) {
     vsock_free(stream);
 }
 
+/* --- guest connections to host ports (OPEN_TO_HOST) --------------------------------------- */
+
+/* Log why a guest connection to a host port failed. After the first line, at most one line per
+ * VSOCK_FAILURE_LOG_INTERVAL_MS, with the number of failures since the last one. */
+static void vsock_log_failure(struct vsock_listener *listener, const char *format, ...) {
+    int64_t now = now_ms();
+    listener->failures++;
+    if (listener->failure_logged_ms >= 0 && now - listener->failure_logged_ms < VSOCK_FAILURE_LOG_INTERVAL_MS)
+        return;
+    char reason[256];
+    va_list args;
+    va_start(args, format);
+    vsnprintf(reason, sizeof reason, format, args);
+    va_end(args);
+    say("vsock: closing a guest connection to host port %u: %s (%lu failed connections to this port since the "
+        "last such line)", listener->port, reason, listener->failures);
+    listener->failures = 0;
+    listener->failure_logged_ms = now;
+}
+
+/* Return an unused guest channel id, round robin from 0x80000001 to 0xFFFFFFFF, so that a freed id
+ * is not reused soon. */
+static uint32_t vsock_allocate_guest_id(void) {
+    for (;;) {
+        vsock_last_guest_id = vsock_last_guest_id % (VSOCK_GUEST_CHANNEL_BIT - 1) + 1;
+        uint32_t id = VSOCK_GUEST_CHANNEL_BIT | vsock_last_guest_id;
+        if (vsock_find(id) == NULL)
+            return id;
+    }
+}
+
+static void vsock_open_to_host(struct vsock_stream *stream) {
+    stream->id = vsock_allocate_guest_id();
+    stream->awaiting_hello = 0;
+    stream->awaiting_open_ok = 1;
+    uint32_t payload[2] = {htonl(stream->port), htonl(VSOCK_WINDOW)};
+    vsock_send(VSOCK_OPEN_TO_HOST, stream->id, payload, sizeof payload);
+}
+
+static void vsock_handle_open_ok(struct vsock_stream *stream, uint32_t window) {
+    if (window == 0) {
+        vsock_protocol_error("OPEN_OK on channel %#x offers a window of 0 bytes", stream->id);
+        return;
+    }
+    stream->awaiting_open_ok = 0;
+    stream->deadline_ms = -1;
+    stream->peer_window = window;
+    /* The guest connection gave up waiting, so the late channel is closed at once. */
+    if (stream->fd < 0)
+        vsock_finish(stream);
+}
+
+static void vsock_handle_open_fail(struct vsock_stream *stream, uint32_t code) {
+    if (stream->fd >= 0) {
+        vsock_log_failure(stream->listener, "the host sent OPEN_FAIL with errno %u (%s): check that a host program "
+                          "listens on vsock.sock_%u", code, strerror((int)code), stream->port);
+        set_reset_on_close(stream->fd);
+    }
+    /* OPEN_FAIL frees the channel id without a CLOSE exchange. */
+    vsock_free(stream);
+}
+
+/* Send OPEN_TO_HOST once the host's HELLO is in, and reset a guest connection that waited too long. */
+static void vsock_service_open_to_host(struct vsock_stream *stream, int64_t now) {
+    if (stream->awaiting_hello && vsock_peer_ready) {
+        vsock_open_to_host(stream);
+        return;
+    }
+    if (stream->fd < 0 || now < stream->deadline_ms)
+        return;
+    set_reset_on_close(stream->fd);
+    if (stream->awaiting_hello) {
+        vsock_log_failure(stream->listener, "the host's vsock multiplexer sent no HELLO within %d ms",
+                          VSOCK_OPEN_TO_HOST_TIMEOUT_MS);
+        vsock_free(stream);
+        return;
+    }
+    vsock_log_failure(stream->listener, "the host did not answer OPEN_TO_HOST within %d ms",
+                      VSOCK_OPEN_TO_HOST_TIMEOUT_MS);
+    /* The channel id stays reserved until OPEN_OK or OPEN_FAIL arrives, so a late answer finds it. */
+    vsock_close_local(stream);
+}
+
+/* Accept the guest connections waiting on a host port's listener. Each waits for OPEN_TO_HOST in vsock_service. */
+static void vsock_accept(struct vsock_listener *listener) {
+    for (;;) {
+        int fd = accept4(listener->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if (errno != EAGAIN)
+                say("vsock: accepting a guest connection to host port %u failed: %s", listener->port, strerror(errno));
+            return;
+        }
+        struct vsock_stream *stream = vsock_unused_slot();
+        if (stream == NULL) {
+            vsock_log_failure(listener, "all %d vsock channels are in use", MAX_VSOCK_STREAMS);
+            set_reset_on_close(fd);
+            close(fd);
+            continue;
+        }
+        /* The host batches the stream already, so Nagle's algorithm would only delay small requests. */
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        *stream = (struct vsock_stream){
+            .used = 1, .port = listener->port, .fd = fd, .listener = listener, .awaiting_hello = 1};
+        stream->deadline_ms = now_ms() + VSOCK_OPEN_TO_HOST_TIMEOUT_MS;
+    }
+}
+
+static int listen_on_loopback(uint32_t port) {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in address = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(fd, (struct sockaddr *)&address, sizeof address) != 0 || listen(fd, SOMAXCONN) != 0) {
+        int error = errno;
+        close(fd);
+        errno = error;
+        return -1;
+    }
+    return fd;
+}
+
+/* Listen on 127.0.0.1:P for each host port P in osvm.host_ports=P1,P2 on the kernel command line.
+ * The last occurrence of the parameter counts, so osvm's own (appended after vm.kernel_args) wins. */
+static void open_host_port_listeners(void) {
+    static char cmdline[4096];
+    if (read_file("/proc/cmdline", cmdline, sizeof cmdline) <= 0)
+        return;
+    char *list = NULL, *word_state = NULL;
+    for (char *word = strtok_r(cmdline, " \t\n", &word_state); word; word = strtok_r(NULL, " \t\n", &word_state))
+        if (strncmp(word, "osvm.host_ports=", 16) == 0)
+            list = word + 16;
+    if (list == NULL)
+        return;
+    char *item_state = NULL;
+    for (char *item = strtok_r(list, ",", &item_state); item; item = strtok_r(NULL, ",", &item_state)) {
+        char *end;
+        unsigned long port = strtoul(item, &end, 10);
+        if (*end != '\0' || port < 1 || port > 65535) {
+            announce("vsock: ignoring invalid host port \"%s\" in osvm.host_ports: use numbers from 1 to 65535", item);
+            continue;
+        }
+        int listed = 0;
+        for (int i = 0; i < host_listener_count; i++)
+            listed |= host_listeners[i].port == port;
+        if (listed)
+            continue;
+        if (host_listener_count == MAX_HOST_PORTS) {
+            announce("vsock: osvm.host_ports lists more than %d ports: ignoring %lu and the ports after it",
+                     MAX_HOST_PORTS, port);
+            break;
+        }
+        struct vsock_listener *listener = &host_listeners[host_listener_count++];
+        *listener = (struct vsock_listener){.port = (uint32_t)port, .failure_logged_ms = -1};
+        listener->fd = listen_on_loopback(listener->port);
+        if (listener->fd < 0)
+            announce("vsock: cannot listen on 127.0.0.1:%lu for host port %lu: %s. Guest programs cannot reach "
+                     "vsock.sock_%lu: free that guest port or remove it from vm.host_ports", port, port,
+                     strerror(errno), port);
+    }
+}
+
 static void vsock_handle_data(struct vsock_stream *stream, const uint8_t *payload, size_t len) {
     if (stream->sent_close)
         return;
-    if (stream->connecting) {
+    if (vsock_opening(stream)) {
         vsock_protocol_error("DATA on channel %#x before OPEN_OK", stream->id);
         return;
     }
@@ -1296,7 +1512,7 @@ static void vsock_handle_close(struct vsock_stream *stream) {
         vsock_free(stream);
         return;
     }
-    if (stream->connecting) {
+    if (vsock_opening(stream)) {
         vsock_protocol_error("CLOSE on channel %#x before OPEN_OK", stream->id);
         return;
     }
@@ -1335,7 +1551,12 @@ static void vsock_handle_frame(uint8_t type, uint32_t id, const uint8_t *payload
     switch (type) {
     case VSOCK_OPEN_OK:
     case VSOCK_OPEN_FAIL:
-        vsock_protocol_error("%s for channel %#x, which the agent did not open", vsock_frame_names[type], id);
+        if (!stream->awaiting_open_ok)
+            vsock_protocol_error("%s for channel %#x, which is not opening", vsock_frame_names[type], id);
+        else if (type == VSOCK_OPEN_OK)
+            vsock_handle_open_ok(stream, load_u32(payload));
+        else
+            vsock_handle_open_fail(stream, load_u32(payload));
         break;
     case VSOCK_DATA:
         vsock_handle_data(stream, payload, len);
@@ -1424,7 +1645,7 @@ static void vsock_flush_port(void) {
 }
 
 static int vsock_wants_read(const struct vsock_stream *stream) {
-    return stream->fd >= 0 && !stream->connecting && !stream->local_eof && !stream->received_close &&
+    return stream->fd >= 0 && !vsock_opening(stream) && !stream->local_eof && !stream->received_close &&
            !stream->sent_close && stream->in_flight < stream->peer_window &&
            vsock_port.out.len < VSOCK_OUT_HIGH_WATER;
 }
@@ -1494,6 +1715,10 @@ static void vsock_read_local(struct vsock_stream *stream) {
 static void vsock_service(struct vsock_stream *stream, short revents, int64_t now) {
     if (!stream->used)
         return;
+    if (stream->awaiting_hello || stream->awaiting_open_ok) {
+        vsock_service_open_to_host(stream, now);
+        return;
+    }
     if (stream->connecting) {
         if (revents)
             vsock_finish_connect(stream, 0);
@@ -1602,7 +1827,7 @@ static void run(void) {
     struct channel *channels[] = {&control, &exec_channel, &vsock_port};
     const int channel_count = 3;
     for (;;) {
-        struct pollfd fds[8 + MAX_INPUTS + MAX_EXEC_JOBS + MAX_VSOCK_STREAMS];
+        struct pollfd fds[8 + MAX_INPUTS + MAX_EXEC_JOBS + MAX_HOST_PORTS + MAX_VSOCK_STREAMS];
         int count = 0;
         fds[count++] = (struct pollfd){.fd = signal_fd, .events = POLLIN};
         int channel_index[3];
@@ -1641,6 +1866,9 @@ static void run(void) {
                 fds[count++] = (struct pollfd){.fd = jobs[i].out_fd, .events = POLLIN};
             }
         }
+        int listener_index = count;
+        for (int i = 0; i < host_listener_count; i++)
+            fds[count++] = (struct pollfd){.fd = host_listeners[i].fd, .events = POLLIN};
         /* A stream that waits for no event gets fd -1, which poll() skips, so a hung-up socket
          * that is not being read does not wake the loop again and again. */
         int stream_index = count;
@@ -1695,6 +1923,10 @@ static void run(void) {
             if (fds[job_index + i].revents)
                 read_job_output(&jobs[job_slot[i]]);
 
+        for (int i = 0; i < host_listener_count; i++)
+            if (fds[listener_index + i].revents & POLLIN)
+                vsock_accept(&host_listeners[i]);
+
         now = now_ms();
         for (int i = 0; i < MAX_VSOCK_STREAMS; i++)
             vsock_service(&vsock_streams[i], fds[stream_index + i].revents, now);
@@ -1738,6 +1970,8 @@ int main(void) {
     reboot(RB_DISABLE_CAD);
 
     open_ports();
+    /* Before START, so the listeners are there when the component starts. */
+    open_host_port_listeners();
     open_power_button();
     for (int i = 0; i < MAX_EXEC_JOBS; i++)
         jobs[i].out_fd = -1;

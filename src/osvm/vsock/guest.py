@@ -1,8 +1,8 @@
 """The guest side of the vsock multiplexer, in Python.
 
-The guest agent that runs in the VM will implement this side in C, from the protocol in
-docs/firecracker.md. This implementation lets tests run a fake guest over a socketpair, and
-documents the guest's duties in code: accept OPEN from the host for ports with a listener (and
+The guest agent that runs in the VM implements this side in C (src/osvm/guest/agent.c), from the
+protocol in docs/firecracker.md. This implementation lets tests run a fake guest over a
+socketpair, and documents the guest's duties in code: accept OPEN from the host for ports with a listener (and
 reject it for others), and open channels to host ports with OPEN_TO_HOST.
 """
 

@@ -198,6 +198,7 @@ class HybridVsockMux(MuxEndpoint):
         max_channels: int = MAX_CHANNELS,
         open_timeout: float = OPEN_TIMEOUT,
         connect_line_timeout: float = CONNECT_LINE_TIMEOUT,
+        guest_ports: "set[int] | None" = None,
     ):
         super().__init__(
             agent_reader,
@@ -209,6 +210,8 @@ class HybridVsockMux(MuxEndpoint):
         )
         self.uds_path = os.fspath(uds_path)
         self.connect_line_timeout = connect_line_timeout
+        # The host ports that the guest may open channels to, or None for any port.
+        self.guest_ports = guest_ports
         self._server: asyncio.Server | None = None
         self._handshakes: set[asyncio.StreamWriter] = set()
         self._host_ports: set[int] = set()
@@ -290,6 +293,9 @@ class HybridVsockMux(MuxEndpoint):
 
     async def _connect_local(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         path = guest_port_path(self.uds_path, port)
+        if self.guest_ports is not None and port not in self.guest_ports:
+            logger.warning("vsock multiplexer on %s: rejected a guest channel to host port %d, which is not allowed", self.uds_path, port)
+            raise PermissionError(errno.EACCES, f"host port {port} is not open to the guest")
         try:
             return await asyncio.wait_for(asyncio.open_unix_connection(path), self.open_timeout)
         except TimeoutError:

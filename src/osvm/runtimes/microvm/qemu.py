@@ -55,6 +55,8 @@ class QemuConfig:
     tap: str | None = None
     sandbox: bool = True
     extra_args: list[str] = field(default_factory=list)
+    # vsock ports on the host that the guest agent offers to guest programs on 127.0.0.1:P (vm.host_ports).
+    host_ports: list[int] = field(default_factory=list)
 
     @property
     def serial_log(self) -> Path:
@@ -140,8 +142,13 @@ def host_tsc_khz() -> int:
     return FALLBACK_TSC_KHZ
 
 
-def kernel_command_line(extra: list[str], tsc_khz: int) -> str:
-    """Return the guest kernel's command line: serial console, no reboot on panic, then extra."""
+def kernel_command_line(extra: list[str], tsc_khz: int, host_ports: list[int] | None = None) -> str:
+    """Return the guest kernel's command line: serial console, no reboot on panic, extra, then host_ports.
+
+    The agent reads `osvm.host_ports=P1,P2` from /proc/cmdline and uses the last occurrence, so
+    vm.host_ports wins over the same parameter in vm.kernel_args.
+    """
+    agent_args = [f"osvm.host_ports={','.join(str(port) for port in host_ports)}"] if host_ports else []
     base = [
         "console=ttyS0",
         "quiet",
@@ -150,7 +157,7 @@ def kernel_command_line(extra: list[str], tsc_khz: int) -> str:
         f"tsc_early_khz={tsc_khz}",
         "rdinit=/init",
     ]
-    return " ".join(base + list(extra))
+    return " ".join(base + list(extra) + agent_args)
 
 
 def build_qemu_argv(config: QemuConfig, qemu: str | None = None) -> list[str]:
@@ -175,7 +182,7 @@ def build_qemu_argv(config: QemuConfig, qemu: str | None = None) -> list[str]:
         "-pidfile", str(config.pid_file),
         "-kernel", str(config.kernel),
         "-initrd", str(config.initrd),
-        "-append", kernel_command_line(config.kernel_args, host_tsc_khz()),
+        "-append", kernel_command_line(config.kernel_args, host_tsc_khz(), config.host_ports),
     ]
     argv += _network_args(config)
     argv += [

@@ -191,7 +191,7 @@ class MicroVmRuntime:
         for path in (config.agent_socket, config.exec_socket, config.qmp_socket, config.pid_file):
             path.unlink(missing_ok=True)
         await self._close_vsock_bridge(plan.instance_id)
-        remove_vsock_sockets(plan.instance_dir)
+        remove_vsock_sockets(plan.instance_dir, listeners=False)
         try:
             argv = self._full_argv(plan, instance, build_qemu_argv(config, self.qemu_binary))
         except JailError as error:
@@ -446,6 +446,7 @@ class MicroVmRuntime:
             overlay=Path(instance.overlay) if instance.overlay else None,
             run_as=DEFAULT_USER if self.privileged else None,
             tap=GUEST_INTERFACE if instance.network == "tap" else None,
+            host_ports=list(vm.host_ports),
         )
 
     def _attach(self, handle: ProcessHandle, plan: LaunchPlan, config: QemuConfig) -> None:
@@ -454,7 +455,7 @@ class MicroVmRuntime:
         session = AgentSession(config.agent_socket, _start_frame(plan), plan.instance_id)
         session.start(exited)
         handle.extra["agent"] = session
-        bridge = VsockBridge(config.vsock_port_socket, config.vsock_socket, plan.instance_id)
+        bridge = VsockBridge(config.vsock_port_socket, config.vsock_socket, plan.instance_id, config.host_ports)
         bridge.start(exited)
         handle.extra["vsock"] = bridge
         self._vsock_bridges[plan.instance_id] = bridge

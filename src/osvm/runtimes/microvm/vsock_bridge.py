@@ -3,7 +3,9 @@
 QEMU serves the port on <instance_dir>/vsock-port.sock. The bridge connects to it once QEMU has
 created it and runs HybridVsockMux there, which listens on <instance_dir>/vsock.sock. A host
 client connects to vsock.sock, sends `CONNECT <port>\\n` and reads `OK <host_port>\\n`, and the
-guest agent joins the stream to the guest's TCP listener on 127.0.0.1:<port>.
+guest agent joins the stream to the guest's TCP listener on 127.0.0.1:<port>. In the other
+direction, a guest program connects to 127.0.0.1:P for a port P in vm.host_ports, and the
+multiplexer joins that stream to <instance_dir>/vsock.sock_<P>.
 """
 
 import asyncio
@@ -25,10 +27,12 @@ CONNECT_RETRY_INTERVAL = 0.01
 class VsockBridge:
     """One HybridVsockMux between vsock.sock and the agent's vsock port, kept until QEMU exits or close()."""
 
-    def __init__(self, port_socket: Path, uds_path: Path, instance_id: str):
+    def __init__(self, port_socket: Path, uds_path: Path, instance_id: str, host_ports: list[int] | None = None):
         self.port_socket = port_socket
         self.uds_path = uds_path
         self.instance_id = instance_id
+        # vm.host_ports: the only host ports that guest programs may open channels to.
+        self.host_ports = set(host_ports or [])
         self.mux: HybridVsockMux | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -51,7 +55,7 @@ class VsockBridge:
         if streams is None:
             return
         reader, writer = streams
-        mux = HybridVsockMux(self.uds_path, reader, writer)
+        mux = HybridVsockMux(self.uds_path, reader, writer, guest_ports=self.host_ports)
         try:
             await mux.start()
         except OSError as error:
@@ -81,10 +85,15 @@ class VsockBridge:
         return None
 
 
-def remove_vsock_sockets(instance_dir: Path) -> None:
-    """Remove vsock.sock, the guest-initiated port sockets vsock.sock_<P> and QEMU's vsock-port.sock."""
+def remove_vsock_sockets(instance_dir: Path, listeners: bool = True) -> None:
+    """Remove vsock.sock and QEMU's vsock-port.sock, and with listeners the host programs' vsock.sock_<P>.
+
+    A restart of the VM keeps the vsock.sock_<P> sockets, because the host programs that listen
+    there outlive it.
+    """
     paths = [instance_dir / "vsock.sock", instance_dir / "vsock-port.sock"]
-    paths += [Path(path) for path in glob.glob(glob.escape(os.fspath(instance_dir / "vsock.sock")) + "_*")]
+    if listeners:
+        paths += [Path(path) for path in glob.glob(glob.escape(os.fspath(instance_dir / "vsock.sock")) + "_*")]
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
