@@ -565,6 +565,24 @@ def test_verify_peer_rejects_revoked(authority: CertificateAuthority) -> None:
     assert raised.value.reason == f"certificate revoked at {revoked_at} (keyCompromise)"
 
 
+def test_verify_peer_cached_leaf_rechecked(authority: CertificateAuthority) -> None:
+    # A DER leaf without a chain, as endpoints pass it, is verified once and then served from the
+    # cache, where expiry and revocation are still checked on every call.
+    issued = authority.issue("rpc", [], lifetime=300)
+    der = load_cert(issued.cert_pem).public_bytes(serialization.Encoding.DER)
+    first = authority.verify_peer(der)
+    second = authority.verify_peer(der)
+    assert second == first
+
+    later = issued.not_after + dt.timedelta(seconds=1)
+    with pytest.raises(PeerRejected, match="certificate expired at"):
+        authority.verify_peer(der, now=later)
+
+    authority.revoke(issued.serial, "keyCompromise")
+    with pytest.raises(PeerRejected, match="certificate revoked at"):
+        authority.verify_peer(der)
+
+
 def test_verify_peer_sees_other_process_revocation(tmp_path: Path) -> None:
     directory = tmp_path / "ca"
     with CertificateAuthority.init(directory) as daemon_side:

@@ -26,6 +26,7 @@ import json
 import logging
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,10 @@ MAX_LEAF_LIFETIME = 30 * 86400.0
 # A CRL's next_update is this far after its last_update. crl_pem() signs a new CRL once less than
 # half of this is left, so consumers that fetch it every half hour never hold a stale one.
 CRL_LIFETIME = dt.timedelta(hours=1)
+
+# Leaves whose signatures and path verify_peer has checked, kept so a reconnecting peer skips those
+# checks. 4096 entries of a few hundred bytes each.
+VERIFIED_CACHE_SIZE = 4096
 
 CONFIG_FILE = "ca.json"
 ROOT_CERT_FILE = "root.pem"
@@ -273,6 +278,8 @@ class CertificateAuthority:
         self._intermediates = intermediates
         self._index = index
         self._lock = threading.RLock()
+        # Verified leaves by their DER bytes: (leaf, issuer, identity), least recently used first.
+        self._verified: OrderedDict[bytes, tuple[x509.Certificate, x509.Certificate, SpiffeId]] = OrderedDict()
 
     # Creating and opening
 
@@ -780,6 +787,20 @@ class CertificateAuthority:
         now = now if now is not None else dt.datetime.now(dt.timezone.utc)
         if certificate is None or (isinstance(certificate, bytes) and not certificate.strip()):
             raise PeerRejected("no client certificate")
+        # Only a DER leaf without a separate chain is cached, which is what endpoints pass.
+        cache_key = certificate if isinstance(certificate, bytes) and chain is None and certificate[:1] == b"\x30" else None
+        with self._lock:
+            cached = self._verified.get(cache_key) if cache_key is not None else None
+            if cached is not None:
+                self._verified.move_to_end(cache_key)
+        if cached is not None:
+            leaf, issuer, identity = cached
+            self._check_times_and_revocation(leaf, issuer, now)
+            return PeerIdentity(
+                component=identity.component, identity=identity, serial=certs.serial_hex(leaf.serial_number),
+                not_after=leaf.not_valid_after_utc,
+            )
+
         try:
             presented = _parse_presented(certificate)
             if not presented:
@@ -793,6 +814,22 @@ class CertificateAuthority:
         if issuer is None:
             raise PeerRejected(f"not issued by this CA: issuer is {leaf.issuer.rfc4514_string()}")
 
+        serial = self._check_times_and_revocation(leaf, issuer, now)
+        self._check_leaf_extensions(leaf)
+        identity = self._identity_of(leaf)
+        self._validate_path(leaf, issuer, now)
+        if cache_key is not None:
+            with self._lock:
+                self._verified[cache_key] = (leaf, issuer, identity)
+                if len(self._verified) > VERIFIED_CACHE_SIZE:
+                    self._verified.popitem(last=False)
+        return PeerIdentity(component=identity.component, identity=identity, serial=serial, not_after=leaf.not_valid_after_utc)
+
+    def _check_times_and_revocation(self, leaf: x509.Certificate, issuer: x509.Certificate, now: dt.datetime) -> str:
+        """Raise PeerRejected when leaf, issuer or the root is outside its validity at now, or leaf is revoked.
+
+        Returns the leaf's serial in hex.
+        """
         if now > leaf.not_valid_after_utc:
             raise PeerRejected(f"certificate expired at {_format_time(leaf.not_valid_after_utc)}")
         if now < leaf.not_valid_before_utc:
@@ -810,11 +847,7 @@ class CertificateAuthority:
         if revocation is not None:
             revoked_at, reason = revocation
             raise PeerRejected(f"certificate revoked at {_format_time(revoked_at)} ({reason})")
-
-        self._check_leaf_extensions(leaf)
-        identity = self._identity_of(leaf)
-        self._validate_path(leaf, issuer, now)
-        return PeerIdentity(component=identity.component, identity=identity, serial=serial, not_after=leaf.not_valid_after_utc)
+        return serial
 
     @staticmethod
     def _parse_chain(chain: bytes | Sequence[bytes | x509.Certificate] | None) -> list[x509.Certificate]:
