@@ -37,7 +37,14 @@ from osvm.runtimes.microvm.qemu import QemuConfig, build_qemu_argv
 from osvm.runtimes.cgroups import CONTROLLERS, DEFAULT_ROOT, Cgroup
 from osvm.runtimes.microvm.qmp import qmp_execute
 from osvm.runtimes.netns import InstanceNetwork, addressing_for
-from osvm.runtimes.microvm.runtime import POWEROFF_MARGIN, QEMU_MEMORY_OVERHEAD, QUIT_TIMEOUT, guest_argv, guest_env
+from osvm.runtimes.microvm.runtime import (
+    POWEROFF_MARGIN,
+    QEMU_MEMORY_OVERHEAD,
+    QUIT_TIMEOUT,
+    _describe_exit,
+    guest_argv,
+    guest_env,
+)
 from e2e import free_subnet_pool, link_names
 from test_microvm_support import IMAGE_CACHE, compile_server, make_plan, require_qemu
 
@@ -505,3 +512,15 @@ def _diagnostics(plan: LaunchPlan) -> str:
         if path.exists():
             parts.append(f"--- {name} ---\n{path.read_text(errors='replace')[-3000:]}")
     return "\n".join(parts)
+
+
+def test_kvm_abort_reason_names_fix(tmp_path: Path) -> None:
+    (tmp_path / "qemu.log").write_text("qemu-system-x86_64: kvm_buf_set_msrs: Assertion `ret == cpu->kvm_msr_buf->nmsrs' failed.\n")
+    status = _describe_exit(-signal.SIGABRT, None, False, "kvm", tmp_path)
+    assert status.code == 128 + signal.SIGABRT
+    assert "QEMU was killed by SIGABRT: qemu-system-x86_64: kvm_buf_set_msrs: Assertion" in status.reason
+    assert "(microVM on KVM)" in status.reason
+    assert 'set vm.accel = "auto" or "tcg"' in status.reason
+
+    under_tcg = _describe_exit(-signal.SIGKILL, None, False, "tcg", tmp_path)
+    assert under_tcg.reason == "QEMU was killed by SIGKILL (microVM on TCG)"

@@ -234,6 +234,7 @@ def write_vm_deployment(
     image_format: str = "initramfs",
     network: str = "host",
     allow_egress: list[str] | None = None,
+    vm: dict[str, Any] | None = None,
 ) -> Path:
     component: dict[str, Any] = {
         "runtime": "microvm",
@@ -243,7 +244,7 @@ def write_vm_deployment(
         "stop_grace_period": "3s",
         "env": {"VERSION": "1"},
         "network": {"mode": network, "allow_egress": allow_egress or []},
-        "vm": {"vcpus": 1, "memory": "256MiB", "accel": "auto"},
+        "vm": {"vcpus": 1, "memory": "256MiB", "accel": "auto", **(vm or {})},
         "image": {"kind": "binary", "path": str(binary), "format": image_format},
         "endpoint": {
             "listen": f"127.0.0.1:{endpoint_port}",
@@ -462,6 +463,27 @@ def test_namespace_vm_egress_follows_firewall(vm_osvm: Osvm, server_binary: Path
     assert allowed.peers == [instance["address"]]
     assert blocked.returncode != 0, blocked.stdout + blocked.stderr
     assert denied.lines == []
+
+
+def test_guest_without_ready_is_restarted(vm_osvm: Osvm, server_binary: Path) -> None:
+    # With cat as the initramfs's init, the kernel boots and then waits on the console forever, so
+    # the agent never reports READY.
+    path = write_vm_deployment(
+        vm_osvm, server_binary, free_port(), vm={"kernel_args": ["rdinit=/bin/cat"], "boot_timeout": "3s"}
+    )
+    vm_osvm.cli("up", str(path), "--detach")
+
+    def timed_out_twice() -> list[dict[str, Any]] | None:
+        events = [event for event in vm_osvm.events(COMPONENT) if event["kind"] == "instance.backoff"]
+        return events if len(events) >= 2 else None
+
+    backoff = wait_for(timed_out_twice, "two restarts after boot timeouts", BOOT_TIMEOUT)
+    assert "did not report READY within 3 s" in backoff[0]["reason"]
+    kinds = [event["kind"] for event in vm_osvm.events(COMPONENT)]
+    assert "instance.boot_timeout" in kinds
+    assert "instance.healthy" not in kinds
+    instance = single_instance(vm_osvm.status())
+    assert instance["health"] != "healthy"
 
 
 def run_in_vm(exec_socket: Path, script: str) -> subprocess.CompletedProcess[str]:

@@ -295,6 +295,9 @@ class VmSettings(StrictModel):
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     # Extra kernel command line arguments.
     kernel_args: list[str] = []
+    # How long the guest agent has to report READY after QEMU starts; then the VM is stopped and
+    # restarted by the restart policy. Under TCG on a busy 2-core host, boots took up to 18 s.
+    boot_timeout: Annotated[Duration, Field(gt=0)] = 120.0
     # vsock ports on the host that guest programs may connect to. The agent listens on guest TCP
     # 127.0.0.1:P for each port P and carries each connection to <instance_dir>/vsock.sock_<P>.
     host_ports: list[int] = []

@@ -6,7 +6,9 @@ import logging
 import time
 from typing import Callable
 
+from osvm.config.models import VmSettings
 from osvm.probes import HealthMonitor, ProbeTarget
+from osvm.runtimes import procinfo
 from osvm.runtimes.base import ExitStatus, LaunchPlan, ProcessHandle, Runtime
 from osvm.store import InstanceRecord, Store
 from osvm.store.events import EventBus
@@ -67,6 +69,8 @@ class InstanceSupervisor:
         self._restart_requested = False
         self._task: asyncio.Task[None] | None = None
         self._liveness_failed = False
+        # Set when a VM's agent did not report READY within vm.boot_timeout and the VM was stopped.
+        self._boot_timed_out: float | None = None
 
     # --- public interface --------------------------------------------------------------------
 
@@ -174,6 +178,9 @@ class InstanceSupervisor:
             if self._liveness_failed:
                 reason = f"restarted because a liveness probe failed ({reason})"
                 self._liveness_failed = False
+            if self._boot_timed_out is not None:
+                reason = f"restarted because the guest agent did not report READY within {self._boot_timed_out:g} s ({reason})"
+                self._boot_timed_out = None
             decision = self.tracker.decide(reason, exit_status.success and not reason.startswith("restarted"), time.time())
             self.record.restart_times = list(self.tracker.restart_times)
             if decision.failed:
@@ -226,16 +233,7 @@ class InstanceSupervisor:
         """Run the probes while the process runs; return when it exits or a stop was requested and done."""
         assert self.handle is not None
         handle = self.handle
-        target = ProbeTarget(
-            host=self.record.address,
-            ports=dict(self.record.ports),
-            exec_prefix=tuple(self.runtime.exec_prefix(handle, self.plan)),
-            env=dict(self.plan.env),
-        )
-        self.monitor = HealthMonitor(
-            list(self.plan.spec.probes), target, self._on_health_change, started_at=time.monotonic(), logger=self.log
-        )
-        monitor_task = asyncio.create_task(self.monitor.run(), name=f"probes-{self.record.id}")
+        monitor_task = asyncio.create_task(self._probe_when_ready(handle), name=f"probes-{self.record.id}")
         wait_task = asyncio.create_task(self.runtime.wait(handle, self.plan), name=f"wait-{self.record.id}")
         stop_task = asyncio.create_task(self._stop_requested.wait())
         try:
@@ -252,6 +250,38 @@ class InstanceSupervisor:
                 wait_task.cancel()
             await asyncio.gather(monitor_task, stop_task, return_exceptions=True)
             self.monitor = None
+
+    async def _probe_when_ready(self, handle: ProcessHandle) -> None:
+        """Run the probes; for a runtime that reports readiness (a VM's agent), only once it is ready.
+
+        A VM whose agent does not report READY within vm.boot_timeout is stopped, and the exit counts
+        as a failure for the restart policy.
+        """
+        wait_ready = getattr(self.runtime, "wait_ready", None)
+        if wait_ready is not None:
+            timeout = self.plan.spec.vm.boot_timeout if self.plan.spec.vm is not None else VmSettings().boot_timeout
+            if not await wait_ready(handle, timeout):
+                if procinfo.is_alive(handle.pid, handle.start_time) and not self._stop_requested.is_set():
+                    self._boot_timed_out = timeout
+                    self.events.publish(
+                        "instance.boot_timeout",
+                        f"the guest agent did not report READY within {timeout:g} s: stopping the VM; see serial.log",
+                        self.record.component,
+                        self.record.id,
+                        logging.WARNING,
+                    )
+                    await self.runtime.stop(handle, self.plan)
+                return
+        target = ProbeTarget(
+            host=self.record.address,
+            ports=dict(self.record.ports),
+            exec_prefix=tuple(self.runtime.exec_prefix(handle, self.plan)),
+            env=dict(self.plan.env),
+        )
+        self.monitor = HealthMonitor(
+            list(self.plan.spec.probes), target, self._on_health_change, started_at=time.monotonic(), logger=self.log
+        )
+        await self.monitor.run()
 
     # --- state changes -----------------------------------------------------------------------
 

@@ -713,7 +713,12 @@ def _describe_exit(
         return ExitStatus(137, f"QEMU was killed by the kernel OOM killer at the cgroup memory limit ({where})", True)
     if raw is not None and raw < 0:
         name = _signal_name(-raw)
-        return ExitStatus(128 - raw, f"QEMU was killed by {name} ({where})")
+        detail = _last_line(_read_tail(instance_dir / QEMU_LOG, 4096)) if raw == -signal.SIGABRT else ""
+        hint = ""
+        if accelerator == "kvm" and raw == -signal.SIGABRT:
+            # A KVM that cannot run the guest, such as a paravirtual one, makes QEMU abort on a failed assertion.
+            hint = "; this host's KVM may not run a stock guest: set vm.accel = \"auto\" or \"tcg\""
+        return ExitStatus(128 - raw, f"QEMU was killed by {name}{': ' + detail if detail else ''} ({where}){hint}")
     if raw is not None and raw > 0:
         detail = _last_line(_read_tail(instance_dir / QEMU_LOG, 4096))
         return ExitStatus(raw, f"QEMU exited with status {raw}{': ' + detail if detail else ''} ({where})")
