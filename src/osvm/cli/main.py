@@ -63,6 +63,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     client = _client(args)
     if client.ensure_daemon() and not args.json:
         print(f"started the osvm daemon (state in {client.state_dir}, log in {paths.daemon_log_path(client.state_dir)})")
+    # The rollouts that ended before this apply, so an earlier rolled-back rollout is not taken for this one.
+    earlier = {
+        component["name"]: component["rollout"]["id"]
+        for component in client.get("/v1/status")["components"]
+        if component.get("rollout")
+    }
     result = client.post(
         "/v1/apply",
         {"file": str(Path(args.file).absolute()), "deployment": deployment.model_dump(mode="json")},
@@ -74,7 +80,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(result)
         return OK
-    ok, status = _wait_healthy(client, list(deployment.components), args.timeout, quiet=args.json)
+    # Wait for the revisions just applied: right after an update the old revision is still the one
+    # running healthy, and its rollout may not have started yet.
+    revisions = {change["component"]: change["revision"] for change in result["changes"] if change["action"] != "removed"}
+    ok, status = _wait_healthy(
+        client, list(deployment.components), args.timeout, quiet=args.json, revisions=revisions, earlier_rollouts=earlier
+    )
     for component in status["components"]:
         rollout = component.get("rollout")
         if ok and rollout and rollout["state"] in ("starting", "verifying", "promoted", "draining"):
@@ -445,8 +456,21 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 # --- helpers --------------------------------------------------------------------------------
 
 
-def _wait_healthy(client: Client, names: list[str], timeout: float, quiet: bool) -> tuple[bool, dict[str, Any]]:
-    """Show progress until every named component runs healthy, one fails, or the timeout passes."""
+def _wait_healthy(
+    client: Client,
+    names: list[str],
+    timeout: float,
+    quiet: bool,
+    revisions: dict[str, int] | None = None,
+    earlier_rollouts: dict[str, int] | None = None,
+) -> tuple[bool, dict[str, Any]]:
+    """Show progress until every named component runs healthy, one fails, or the timeout passes.
+
+    For a component in `revisions`, only an instance of that revision counts, and a rollout to it
+    that rolled back or failed counts as a failure, unless it is the one in `earlier_rollouts`.
+    """
+    revisions = revisions or {}
+    earlier_rollouts = earlier_rollouts or {}
     deadline = time.monotonic() + timeout
     shown: dict[str, str] = {}
     while True:
@@ -465,8 +489,19 @@ def _wait_healthy(client: Client, names: list[str], timeout: float, quiet: bool)
                 shown[name] = line
             if component["status"] in ("failed", "exited"):
                 failed.append(name)
+            wanted = revisions.get(name)
+            rollout = component.get("rollout")
+            if (
+                wanted is not None
+                and rollout
+                and rollout["id"] != earlier_rollouts.get(name)
+                and rollout["to_revision"] == wanted
+                and rollout["state"] in ("rolled_back", "failed")
+            ):
+                failed.append(name)
             healthy = component["status"] == "running" and any(
-                instance["health"] == "healthy" for instance in component["instances"]
+                instance["health"] == "healthy" and (wanted is None or instance["revision"] == wanted)
+                for instance in component["instances"]
             )
             done = done and healthy
         if failed:
