@@ -20,7 +20,7 @@ from osvm.config.models import Component, Deployment, Policy
 from osvm.endpoints import Backend, Endpoint, EndpointError
 from osvm.endpoints.tls import EndpointTls
 from osvm.reconcile import allocations
-from osvm.reconcile.certificates import CertificateManager
+from osvm.reconcile.certificates import TLS_DIR, CertificateManager
 from osvm.runtimes.base import LaunchPlan, Runtime
 from osvm.runtimes.netns import addressing_for
 from osvm.runtimes.process import DEFAULT_USER
@@ -701,12 +701,25 @@ class Reconciler:
                 allocations.release(self.store, instance_id)
                 if self.certificates is not None:
                     self.certificates.revoke_instance(supervisor.record.component, instance_id)
+                    _remove_key_material(supervisor.plan.data_dir / TLS_DIR, instance_id)
                 del self.supervisors[instance_id]
 
     def _is_healthy(self, name: str) -> bool:
         return any(
             supervisor.healthy for supervisor in self.supervisors.values() if supervisor.record.component == name
         )
+
+
+def _remove_key_material(tls_dir: Path, instance_id: str) -> None:
+    """Delete an ended instance's certificate and private key, which nothing may use any more."""
+    if not tls_dir.exists():
+        return
+    try:
+        shutil.rmtree(tls_dir)
+    except OSError as error:
+        logger.error("cannot remove the certificate files of ended instance %s in %s: %s", instance_id, tls_dir, error)
+        return
+    logger.info("removed the certificate files of ended instance %s", instance_id)
 
 
 def _check_program(name: str, spec: Component, search_path: str) -> None:
