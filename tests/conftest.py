@@ -1,10 +1,13 @@
 """Fixtures of the end-to-end tests: a real daemon per test, and a check that it leaves nothing behind.
 
-The `osvm` fixture gives each test its own state directory under /tmp and a daemon on it. Its
-teardown stops everything through `osvm down --daemon`, kills the daemon if it is still alive, and
-then fails the test if any process, cgroup, network namespace or veth interface of that state
-directory is left. It removes such leftovers before failing, so one failed test does not break the
-next.
+The `osvm` fixture gives each test its own state directory under /tmp, a work directory under
+/var/lib/osvm-tests, and a daemon on the state directory. Its teardown stops everything through
+`osvm down --daemon`, kills the daemon if it is still alive, and then fails the test if any process,
+cgroup, network namespace or veth interface of that state directory is left. It removes such
+leftovers before failing, so one failed test does not break the next. It also fails the test if the
+host's own nftables ruleset has the firewall's table inet osvm, which belongs only in instances'
+namespaces. That table is left in place for inspection, because any osvm daemon on the host could
+have added it.
 """
 
 from __future__ import annotations
@@ -16,12 +19,24 @@ import socket
 import subprocess
 import tempfile
 import tomllib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from e2e import CGROUP_CONTROLLERS, CGROUP_ROOT, EXAMPLE, Osvm, free_subnet_pool, wait_for
+from e2e import (
+    CGROUP_CONTROLLERS,
+    CGROUP_ROOT,
+    COMPONENT_PYTHON,
+    EXAMPLE,
+    FIREWALL_TABLE,
+    WORK_ROOT,
+    Osvm,
+    free_subnet_pool,
+    host_nft_tables,
+    wait_for,
+)
 from osvm.runtimes.cgroups import Cgroup, CgroupError, detect_layout
 from osvm.runtimes.netns import HOST_IFNAME_PREFIX, NETNS_PREFIX, InstanceNetwork, NetworkError, short_id
 from osvm.runtimes.sandbox import SandboxError, find_user, missing_tools
@@ -53,15 +68,14 @@ def _skip_unless_host_supports_e2e() -> None:
         pytest.skip(f"end-to-end tests need the user osvm: {error}")
     if shutil.which("ip") is None:
         pytest.skip("end-to-end tests need the ip command from iproute2")
+    if not Path(COMPONENT_PYTHON).exists():
+        pytest.skip(f"end-to-end tests need {COMPONENT_PYTHON}, which runs their components")
 
 
-@pytest.fixture
-def e2e_dir() -> Iterator[Path]:
-    """A fresh directory /tmp/osvm-XXXXXXXX with mode 0755, removed afterwards.
-
-    The path stays short because the daemon's Unix socket path must fit in 108 bytes.
-    """
-    path = Path(tempfile.mkdtemp(prefix="osvm-", dir="/tmp"))
+@contextmanager
+def _fresh_directory(parent: Path) -> Iterator[Path]:
+    """Create a directory PARENT/osvm-XXXXXXXX with mode 0755, and remove it with its contents on exit."""
+    path = Path(tempfile.mkdtemp(prefix="osvm-", dir=parent))
     path.chmod(0o755)
     try:
         yield path
@@ -70,10 +84,33 @@ def e2e_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def osvm_stopped(e2e_dir: Path, request: pytest.FixtureRequest) -> Iterator[Osvm]:
+def e2e_dir() -> Iterator[Path]:
+    """A fresh directory /tmp/osvm-XXXXXXXX with mode 0755, removed afterwards.
+
+    The path stays short because the daemon's Unix socket path must fit in 108 bytes.
+    """
+    with _fresh_directory(Path("/tmp")) as path:
+        yield path
+
+
+@pytest.fixture
+def work_dir() -> Iterator[Path]:
+    """A fresh directory /var/lib/osvm-tests/osvm-XXXXXXXX with mode 0755, removed afterwards.
+
+    Isolated instances run as user osvm with a private /tmp, so the files they run must be here.
+    It skips the test first where the end-to-end tests cannot run, such as without root.
+    """
+    _skip_unless_host_supports_e2e()
+    WORK_ROOT.mkdir(mode=0o755, exist_ok=True)
+    with _fresh_directory(WORK_ROOT) as path:
+        yield path
+
+
+@pytest.fixture
+def osvm_stopped(e2e_dir: Path, work_dir: Path, request: pytest.FixtureRequest) -> Iterator[Osvm]:
     """An Osvm on a fresh state directory with no daemon started, whose teardown checks for leftovers."""
     _skip_unless_host_supports_e2e()
-    osvm = Osvm(base=e2e_dir, subnet_pool=free_subnet_pool())
+    osvm = Osvm(base=e2e_dir, work_dir=work_dir, subnet_pool=free_subnet_pool())
     try:
         yield osvm
     finally:
@@ -183,6 +220,7 @@ def _find_leftovers(osvm: Osvm, instance_ids: list[str]) -> list[str]:
     namespaces, links = osvm.leftover_networks(instance_ids)
     problems += [f"network namespace left: {name}" for name in namespaces]
     problems += [f"veth interface left: {name}" for name in links]
+    problems += [f"host nftables table left: {table}" for table in host_nft_tables() if table == FIREWALL_TABLE]
     return problems
 
 

@@ -4,8 +4,9 @@ The end-to-end tests run the real daemon as root, with isolation, cgroups and ne
 and drive it only through the `osvm` command line and the control API socket. Their fixtures are in
 conftest.py.
 
-Components are small Python programs passed to /usr/bin/python3 with -c. They cannot be files under
-/tmp, because an isolated instance has a private, empty /tmp.
+Components are small Python programs passed to /usr/bin/python3 with -c, or scripts that a test
+copies into the daemon's work directory under /var/lib/osvm-tests. They cannot be files under /tmp,
+because an isolated instance has a private, empty /tmp.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import textwrap
@@ -28,6 +31,7 @@ import httpx
 
 from osvm.runtimes.netns import HOST_IFNAME_PREFIX, NETNS_PREFIX, short_id
 from osvm.runtimes.process import cgroup_parent_for
+from osvm.security.firewall import TABLE_FAMILY, TABLE_NAME
 from osvm.store.db import LIVE_STATES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +41,11 @@ EXAMPLE = ROOT / "examples" / "local-rpc.toml"
 
 # The interpreter that components run, outside the virtualenv so that user osvm can read it.
 COMPONENT_PYTHON = "/usr/bin/python3"
+# The parent of the daemons' work directories. An isolated instance has a private, empty /tmp, and
+# user osvm cannot read /root, so the directories are under neither.
+WORK_ROOT = Path("/var/lib/osvm-tests")
+# The firewall's table, which belongs in instances' network namespaces, never in the host's ruleset.
+FIREWALL_TABLE = f"table {TABLE_FAMILY} {TABLE_NAME}"
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_CONTROLLERS = ("memory", "cpu", "pids")
@@ -154,6 +163,13 @@ def deployment_toml(name: str, components: dict[str, dict[str, Any]]) -> str:
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free when this function checked it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def http_request(url: str, payload: Any = None, timeout: float = 10.0) -> tuple[int, bytes]:
     """Send GET, or POST with `payload` as JSON, and return the status and body."""
     data = None if payload is None else json.dumps(payload).encode()
@@ -238,6 +254,17 @@ def link_names(netns: str | None = None) -> list[str]:
     return [line.split(":")[1].strip().split("@")[0] for line in output.splitlines() if line.strip()]
 
 
+def host_nft_tables() -> list[str]:
+    """Return the tables of the host's nftables ruleset as lines like "table inet osvm".
+
+    Without nft on PATH the list is empty, because then osvm cannot have created a table either.
+    """
+    if shutil.which("nft") is None:
+        return []
+    output = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+    return [line.strip() for line in output.splitlines() if line.strip()]
+
+
 def free_subnet_pool() -> str:
     """Return a /24 of 10.213.0.0/16 that no host address or route overlaps.
 
@@ -265,9 +292,13 @@ def free_subnet_pool() -> str:
 
 @dataclass
 class Osvm:
-    """One daemon on a private state directory, driven through the `osvm` command line."""
+    """One daemon on a private state directory, driven through the `osvm` command line.
+
+    Files that isolated instances run or read go in `work_dir`, a directory under WORK_ROOT.
+    """
 
     base: Path
+    work_dir: Path
     subnet_pool: str
     daemon: subprocess.Popen[bytes] | None = None
     daemon_starts: int = 0
@@ -289,6 +320,10 @@ class Osvm:
     @property
     def cgroup_parent(self) -> str:
         return cgroup_parent_for(self.state_dir)
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.state_dir / "ca"
 
     # --- daemon ------------------------------------------------------------------------------
 
@@ -340,6 +375,10 @@ class Osvm:
         return httpx.Client(
             transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://osvm", timeout=timeout
         )
+
+    def metrics(self) -> str:
+        """Return the Prometheus metrics that the daemon serves at /metrics on its socket."""
+        return self.get("/metrics").text
 
     def log_tail(self, lines: int = 300) -> str:
         try:
@@ -404,8 +443,19 @@ class Osvm:
         return [json.loads(line) for line in output.splitlines() if line.strip()]
 
     def write_deployment(self, components: dict[str, dict[str, Any]], name: str = "e2e", file: str = "deploy.toml") -> Path:
+        return self.write_deployment_text(deployment_toml(name, components), file)
+
+    def write_deployment_text(self, text: str, file: str = "deploy.toml") -> Path:
+        """Write a deployment file given as TOML text, and return its path."""
         path = self.base / file
-        path.write_text(deployment_toml(name, components))
+        path.write_text(text)
+        path.chmod(0o644)
+        return path
+
+    def copy_to_work_dir(self, source: Path, name: str) -> Path:
+        """Copy a file into the work directory as `name`, readable by user osvm, and return the copy's path."""
+        path = self.work_dir / name
+        shutil.copyfile(source, path)
         path.chmod(0o644)
         return path
 
@@ -454,6 +504,10 @@ class Osvm:
     def data_dir(self, instance_id: str) -> Path:
         return self.state_dir / "data" / instance_id
 
+    def tls_dir(self, instance_id: str) -> Path:
+        """Return the directory of an instance's cert.pem, key.pem and ca.pem, which root can read."""
+        return self.data_dir(instance_id) / "tls"
+
     def stored_instance_ids(self, live_only: bool = False) -> list[str]:
         """Return the ids of the instances in state.db, read from the file directly.
 
@@ -474,12 +528,13 @@ class Osvm:
     def processes(self, instance_ids: list[str] | None = None) -> list[HostProcess]:
         """Return live host processes that belong to this daemon's state directory.
 
-        A process belongs when its command line names the state directory or an instance id, or
-        when it is in a cgroup under this daemon's cgroup parent. The daemon itself is left out.
+        A process belongs when its command line names the state directory, the work directory or
+        an instance id, or when it is in a cgroup under this daemon's cgroup parent. The daemon
+        itself is left out.
         """
         ids = instance_ids if instance_ids is not None else self.stored_instance_ids()
         daemon_pid = self.daemon.pid if self.daemon_running() and self.daemon is not None else None
-        marks = [str(self.state_dir), *ids]
+        marks = [str(self.state_dir), str(self.work_dir), *ids]
         found = []
         for process in host_processes():
             if process.pid == daemon_pid:

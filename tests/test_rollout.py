@@ -1,119 +1,44 @@
 """Blue-green rollouts end to end: real daemon, real instances, real traffic through the endpoint."""
 
 import json
-import os
-import shutil
-import signal
+import re
 import socket
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-OSVM = [sys.executable, "-m", "osvm"]
+from e2e import COMPONENT_PYTHON, Osvm, free_port, wait_for
+
 BACKEND = Path(__file__).resolve().parent / "rollout_backend.py"
-# Components run as the unprivileged user, which cannot read a Python under /root (pyenv).
-GUEST_PYTHON = "/usr/bin/python3"
-WORK_ROOT = Path("/var/lib/osvm-tests")
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="rollout tests need root for isolated instances"),
-    pytest.mark.skipif(not Path(GUEST_PYTHON).exists(), reason=f"{GUEST_PYTHON} is missing"),
-]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@dataclass
-class Daemon:
-    state_dir: Path
-    work_dir: Path
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def osvm(self, *args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [*OSVM, "--state-dir", str(self.state_dir), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"osvm {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-        return result
-
-    def status(self) -> dict[str, Any]:
-        return json.loads(self.osvm("status", "--json").stdout)
-
-    def component(self, name: str) -> dict[str, Any]:
-        return next(item for item in self.status()["components"] if item["name"] == name)
-
-    def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [*OSVM, "--state-dir", str(self.state_dir), "daemon", "--log-level", "debug"],
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
-        log.close()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if (self.state_dir / "osvm.sock").exists() and self.osvm("status", check=False).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"daemon did not start:\n{self.log_path.read_text()}")
+pytestmark = pytest.mark.root
 
 
 @pytest.fixture
-def daemon() -> Iterator[Daemon]:
-    state_dir = Path(tempfile.mkdtemp(prefix="osvm-r-", dir="/tmp"))
-    # Not under /tmp: instances get a private /tmp and could not see the backend script there.
-    WORK_ROOT.mkdir(mode=0o755, exist_ok=True)
-    work_dir = Path(tempfile.mkdtemp(prefix="rollout-", dir=WORK_ROOT))
-    os.chmod(work_dir, 0o755)
-    shutil.copy(BACKEND, work_dir / "backend.py")
-    os.chmod(work_dir / "backend.py", 0o644)
-    handle = Daemon(state_dir, work_dir, None, state_dir.parent / f"{state_dir.name}.log")  # type: ignore[arg-type]
-    handle.start()
-    try:
-        yield handle
-    finally:
-        handle.osvm("down", "--daemon", timeout=180, check=False)
-        try:
-            handle.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            handle.process.kill()
-        print(handle.log_path.read_text()[-6000:])
-        shutil.rmtree(state_dir, ignore_errors=True)
-        shutil.rmtree(work_dir, ignore_errors=True)
-        handle.log_path.unlink(missing_ok=True)
+def osvm(osvm: Osvm) -> Osvm:
+    """The `osvm` fixture of conftest.py, with rollout_backend.py in the work directory as backend.py."""
+    osvm.copy_to_work_dir(BACKEND, "backend.py")
+    return osvm
 
 
 HTTP_PROBE = 'type = "http"\nport = "http"\npath = "/health"'
 SOLANA_PROBE = 'type = "solana"\nport = "http"\nget_health = false'
 
 
-def write_deployment(daemon: Daemon, listen_port: int, env: dict[str, str] | None = None, **settings: str) -> Path:
+def write_deployment(osvm: Osvm, listen_port: int, env: dict[str, str] | None = None, **settings: str) -> Path:
     env_lines = "\n".join(f'{key} = "{value}"' for key, value in (env or {"VERSION": "1"}).items())
     mode = settings.get("mode", "http")
     text = f"""
 name = "rollout-test"
 
 [components.app]
-command = ["{GUEST_PYTHON}", "{daemon.work_dir}/backend.py"]
+command = ["{COMPONENT_PYTHON}", "{osvm.work_dir}/backend.py"]
 ports = {{ http = 0 }}
 stop_grace_period = "{settings.get('grace', '5s')}"
 
@@ -138,10 +63,7 @@ interval = "0.3s"
 startup_interval = "0.1s"
 failure_threshold = 2
 """
-    path = daemon.work_dir / "deploy.toml"
-    path.write_text(text)
-    os.chmod(path, 0o644)
-    return path
+    return osvm.write_deployment_text(text)
 
 
 @dataclass
@@ -196,21 +118,12 @@ class LoadLoop:
                         self.result.errors.append(problem)
 
 
-def wait_for(condition: Any, timeout: float = 60.0, message: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {message}")
-
-
 def get_version(port: int) -> str:
     return httpx.get(f"http://127.0.0.1:{port}/version", timeout=10, trust_env=False).text
 
 
-def deploy(daemon: Daemon, *args: str, check: bool = False) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    result = daemon.osvm("deploy", "app", *args, "--json", timeout=180, check=check)
+def deploy(osvm: Osvm, *args: str, check: bool = False) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    result = osvm.cli("deploy", "app", *args, "--json", check=check)
     payload = json.loads(result.stdout) if result.stdout.strip().startswith("{") else {}
     return result, payload.get("rollout", {})
 
@@ -218,14 +131,14 @@ def deploy(daemon: Daemon, *args: str, check: bool = False) -> tuple[subprocess.
 # --- tests -----------------------------------------------------------------------------------
 
 
-def test_deploy_swaps_without_failed_requests(daemon: Daemon) -> None:
+def test_deploy_swaps_without_failed_requests(osvm: Osvm) -> None:
     port = free_port()
-    daemon.osvm("up", str(write_deployment(daemon, port)))
+    osvm.up(write_deployment(osvm, port))
     assert get_version(port) == "1"
 
     with LoadLoop(port, clients=4) as keep_alive, LoadLoop(port, clients=2, keep_alive=False) as fresh:
         time.sleep(0.5)
-        result, rollout = deploy(daemon, "--set", "env.VERSION=2")
+        result, rollout = deploy(osvm, "--set", "env.VERSION=2")
         time.sleep(0.5)
 
     assert result.returncode == 0, result.stdout + result.stderr
@@ -237,64 +150,64 @@ def test_deploy_swaps_without_failed_requests(daemon: Daemon) -> None:
     assert keep_alive.result.versions[-1] == "2"
     assert get_version(port) == "2"
 
-    component = daemon.component("app")
+    component = osvm.component("app")
     assert component["revision"] == 2
     assert [instance["revision"] for instance in component["instances"]] == [2]
 
 
-def test_green_never_healthy_leaves_blue(daemon: Daemon) -> None:
+def test_green_never_healthy_leaves_blue(osvm: Osvm) -> None:
     port = free_port()
-    daemon.osvm("up", str(write_deployment(daemon, port, deadline="4s")))
-    blue = daemon.component("app")["instances"][0]
+    osvm.up(write_deployment(osvm, port, deadline="4s"))
+    blue = osvm.component("app")["instances"][0]
 
     with LoadLoop(port, clients=2) as load:
-        result, rollout = deploy(daemon, "--set", "env.FAIL_HEALTH=1")
+        result, rollout = deploy(osvm, "--set", "env.FAIL_HEALTH=1")
 
     assert result.returncode != 0
     assert rollout["state"] == "failed"
     assert "healthy_deadline" in rollout["reason"]
     assert load.result.failed == 0, load.result.errors[:5]
-    component = daemon.component("app")
+    component = osvm.component("app")
     assert component["revision"] == 1
     assert [instance["id"] for instance in component["instances"]] == [blue["id"]]
     assert component["instances"][0]["pid"] == blue["pid"]
 
 
-def test_green_crash_in_watch_window_rolls_back(daemon: Daemon) -> None:
+def test_green_crash_in_watch_window_rolls_back(osvm: Osvm) -> None:
     port = free_port()
-    daemon.osvm("up", str(write_deployment(daemon, port, window="6s")))
+    osvm.up(write_deployment(osvm, port, window="6s"))
 
-    result, rollout = deploy(daemon, "--set", "env.VERSION=2", "--set", "env.CRASH_AFTER=2.5")
+    result, rollout = deploy(osvm, "--set", "env.VERSION=2", "--set", "env.CRASH_AFTER=2.5")
 
     assert result.returncode != 0
     assert rollout["state"] == "rolled_back"
     assert "watch window" in rollout["reason"]
     assert get_version(port) == "1"
-    assert daemon.component("app")["revision"] == 1
+    assert osvm.component("app")["revision"] == 1
 
 
-def test_blue_ignoring_sigterm_is_killed(daemon: Daemon) -> None:
+def test_blue_ignoring_sigterm_is_killed(osvm: Osvm) -> None:
     port = free_port()
-    daemon.osvm("up", str(write_deployment(daemon, port, env={"VERSION": "1", "IGNORE_TERM": "1"}, grace="1s")))
-    blue_pid = daemon.component("app")["instances"][0]["pid"]
+    osvm.up(write_deployment(osvm, port, env={"VERSION": "1", "IGNORE_TERM": "1"}, grace="1s"))
+    blue_pid = osvm.component("app")["instances"][0]["pid"]
 
-    result, rollout = deploy(daemon, "--set", "env.IGNORE_TERM=0", "--set", "env.VERSION=2")
+    result, rollout = deploy(osvm, "--set", "env.IGNORE_TERM=0", "--set", "env.VERSION=2")
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert rollout["state"] == "complete"
-    wait_for(lambda: not Path(f"/proc/{blue_pid}").exists(), 30, "blue to be killed")
-    log = daemon.log_path.read_text()
+    wait_for(lambda: not Path(f"/proc/{blue_pid}").exists(), "blue to be killed", 30)
+    log = osvm.daemon_log.read_text()
     assert "sending SIGKILL" in log
 
 
-def test_drain_deadline_closes_tcp_connection(daemon: Daemon) -> None:
+def test_drain_deadline_closes_tcp_connection(osvm: Osvm) -> None:
     port = free_port()
-    daemon.osvm("up", str(write_deployment(daemon, port, mode="tcp", drain="2s")))
+    osvm.up(write_deployment(osvm, port, mode="tcp", drain="2s"))
     client = socket.create_connection(("127.0.0.1", port), timeout=30)
     client.sendall(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
     assert b"\r\n\r\n1" in _read_response(client)
 
-    result, rollout = deploy(daemon, "--set", "env.VERSION=2")
+    result, rollout = deploy(osvm, "--set", "env.VERSION=2")
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert rollout["closed_connections"] == 1
@@ -304,62 +217,61 @@ def test_drain_deadline_closes_tcp_connection(daemon: Daemon) -> None:
     assert get_version(port) == "2"
 
 
-def test_second_deploy_is_rejected(daemon: Daemon) -> None:
+def test_second_deploy_is_rejected(osvm: Osvm) -> None:
     port = free_port()
-    daemon.osvm("up", str(write_deployment(daemon, port, window="5s")))
-    first = daemon.osvm("deploy", "app", "--set", "env.VERSION=2", "--detach")
+    osvm.up(write_deployment(osvm, port, window="5s"))
+    first = osvm.cli("deploy", "app", "--set", "env.VERSION=2", "--detach")
     assert first.returncode == 0
 
-    second = daemon.osvm("deploy", "app", "--set", "env.VERSION=3", check=False)
+    second = osvm.cli("deploy", "app", "--set", "env.VERSION=3", check=False)
 
     assert second.returncode != 0
     assert "still" in second.stderr
     assert "--abort" in second.stderr
-    wait_for(lambda: daemon.component("app")["rollout"]["state"] == "complete", 60, "first rollout")
+    wait_for(lambda: osvm.component("app")["rollout"]["state"] == "complete", "first rollout", 60)
 
 
-def test_abort_keeps_blue(daemon: Daemon) -> None:
+def test_abort_keeps_blue(osvm: Osvm) -> None:
     port = free_port()
-    daemon.osvm("up", str(write_deployment(daemon, port, deadline="60s")))
-    daemon.osvm("deploy", "app", "--set", "env.FAIL_HEALTH=1", "--detach")
+    osvm.up(write_deployment(osvm, port, deadline="60s"))
+    osvm.cli("deploy", "app", "--set", "env.FAIL_HEALTH=1", "--detach")
 
-    daemon.osvm("deploy", "app", "--abort")
+    osvm.cli("deploy", "app", "--abort")
 
-    wait_for(lambda: daemon.component("app")["rollout"]["state"] == "failed", 30, "abort")
-    assert "aborted by the operator" in daemon.component("app")["rollout"]["reason"]
+    wait_for(lambda: osvm.component("app")["rollout"]["state"] == "failed", "abort", 30)
+    assert "aborted by the operator" in osvm.component("app")["rollout"]["reason"]
     assert get_version(port) == "1"
 
 
-def test_rollback_returns_previous_revision(daemon: Daemon) -> None:
+def test_rollback_returns_previous_revision(osvm: Osvm) -> None:
     port = free_port()
-    daemon.osvm("up", str(write_deployment(daemon, port)))
-    deploy(daemon, "--set", "env.VERSION=2", check=True)
+    osvm.up(write_deployment(osvm, port))
+    deploy(osvm, "--set", "env.VERSION=2", check=True)
 
-    result = daemon.osvm("rollback", "app", "--json", timeout=180)
+    result = osvm.cli("rollback", "app", "--json")
 
     rollout = json.loads(result.stdout)["rollout"]
     assert rollout["state"] == "complete"
     assert rollout["to_revision"] == 1
     assert get_version(port) == "1"
-    history = json.loads(daemon.osvm("deployments", "app", "--json").stdout)["rollouts"]
+    history = json.loads(osvm.cli("deployments", "app", "--json").stdout)["rollouts"]
     assert [item["state"] for item in history] == ["complete", "complete"]
-    text = daemon.osvm("deployments", "app").stdout
+    text = osvm.cli("deployments", "app").stdout
     assert "2 -> 1" in text
 
 
-def test_daemon_killed_mid_rollout_reaches_consistent_state(daemon: Daemon) -> None:
+def test_daemon_killed_mid_rollout_reaches_consistent_state(osvm: Osvm) -> None:
     port = free_port()
-    daemon.osvm("up", str(write_deployment(daemon, port, deadline="60s")))
-    blue = daemon.component("app")["instances"][0]
-    daemon.osvm("deploy", "app", "--set", "env.FAIL_HEALTH=1", "--detach")
-    wait_for(lambda: daemon.component("app")["rollout"]["state"] == "verifying", 30, "verifying")
-    green_ids = daemon.component("app")["rollout"]["green"]
+    osvm.up(write_deployment(osvm, port, deadline="60s"))
+    blue = osvm.component("app")["instances"][0]
+    osvm.cli("deploy", "app", "--set", "env.FAIL_HEALTH=1", "--detach")
+    wait_for(lambda: osvm.component("app")["rollout"]["state"] == "verifying", "verifying", 30)
+    green_ids = osvm.component("app")["rollout"]["green"]
 
-    os.kill(daemon.process.pid, signal.SIGKILL)
-    daemon.process.wait()
-    daemon.start()
+    osvm.kill_daemon()
+    osvm.start_daemon()
 
-    component = daemon.component("app")
+    component = osvm.component("app")
     assert component["rollout"]["state"] == "rolled_back"
     assert "before the switch" in component["rollout"]["reason"]
     assert [instance["id"] for instance in component["instances"]] == [blue["id"]]
@@ -369,15 +281,15 @@ def test_daemon_killed_mid_rollout_reaches_consistent_state(daemon: Daemon) -> N
         assert leftovers == ""
 
 
-def test_slot_lag_gate_waits_for_catch_up(daemon: Daemon) -> None:
+def test_slot_lag_gate_waits_for_catch_up(osvm: Osvm) -> None:
     port = free_port()
     path = write_deployment(
-        daemon, port, env={"VERSION": "1", "SLOT": "1000"}, update_extra="max_slot_lag = 10", deadline="4s", probe=SOLANA_PROBE
+        osvm, port, env={"VERSION": "1", "SLOT": "1000"}, update_extra="max_slot_lag = 10", deadline="4s", probe=SOLANA_PROBE
     )
-    daemon.osvm("up", str(path))
+    osvm.up(path)
 
-    lagging, lagging_rollout = deploy(daemon, "--set", "env.SLOT=900")
-    caught_up, caught_up_rollout = deploy(daemon, "--set", "env.SLOT=995")
+    lagging, lagging_rollout = deploy(osvm, "--set", "env.SLOT=900")
+    caught_up, caught_up_rollout = deploy(osvm, "--set", "env.SLOT=995")
 
     assert lagging.returncode != 0
     assert lagging_rollout["state"] == "failed"
@@ -387,10 +299,19 @@ def test_slot_lag_gate_waits_for_catch_up(daemon: Daemon) -> None:
 
 
 def _read_response(client: socket.socket) -> bytes:
+    """Read one HTTP response up to the end of its Content-Length body, or until the server closes.
+
+    The headers and the body can arrive in separate segments, so the end of the headers alone does
+    not end the response.
+    """
     data = b""
-    while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"1"):
+    while True:
+        head, separator, body = data.partition(b"\r\n\r\n")
+        if separator:
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            if length is None or len(body) >= int(length.group(1)):
+                return data
         chunk = client.recv(4096)
         if not chunk:
-            break
+            return data
         data += chunk
-    return data
