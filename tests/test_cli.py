@@ -1,8 +1,10 @@
 """End-to-end: errors of the `osvm` command line name what failed and what to do."""
 
+import json
+
 import pytest
 
-from e2e import SLEEPER, Osvm, python_command
+from e2e import SLEEPER, Osvm, python_command, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -80,3 +82,31 @@ def test_up_rejects_unset_variable_reference(osvm: Osvm):
     assert osvm.status()["components"] == []
     assert osvm.stored_instance_ids() == []
     assert osvm.instance_cgroups() == {}
+
+
+def test_logs_json_lines(osvm: Osvm):
+    source = """
+import sys, time
+print("first line", flush=True)
+print("second line: naïve", file=sys.stderr, flush=True)
+print("third line", flush=True)
+while True:
+    time.sleep(3600)
+"""
+    osvm.up(osvm.write_deployment({"chatty": {"command": python_command(source), "stop_grace_period": "2s"}}))
+    instance = osvm.instance("chatty")
+
+    def three_lines() -> list[dict[str, str]] | None:
+        output = osvm.cli("logs", "chatty", "--json").stdout
+        lines = [json.loads(line) for line in output.splitlines()]
+        return lines if len(lines) >= 3 else None
+
+    lines = wait_for(three_lines, "three lines in `osvm logs chatty --json`")
+    assert lines == [
+        {"component": "chatty", "instance": instance["id"], "text": "first line"},
+        {"component": "chatty", "instance": instance["id"], "text": "second line: naïve"},
+        {"component": "chatty", "instance": instance["id"], "text": "third line"},
+    ]
+
+    tail = osvm.cli("logs", "chatty", "--json", "--tail", "1").stdout
+    assert [json.loads(line)["text"] for line in tail.splitlines()] == ["third line"]

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from osvm.config import load
 from osvm.config.load import ConfigError, _issue_from_error, load_deployment, parse_deployment
 from osvm.config.models import (
+    MIN_VM_MEMORY,
     Component,
     Deployment,
     ExecProbe,
@@ -199,6 +200,22 @@ BAD_FILES = [
     ("host port equal to fixed port", MICROVM.replace("[components.rpc.vm]", "ports = { rpc = 8545 }\n\n[components.rpc.vm]")
      + "host_ports = [8545]\n",
      "components.rpc.vm.host_ports[0]", "host port 8545 is also the fixed port ports.rpc"),
+    ("binary image without path", BASE + 'runtime = "microvm"\nimage = { kind = "binary" }\n',
+     "components.rpc.image.path", "image kind 'binary' needs path: set it to the host binary to copy"),
+    ("debian image with path", BASE + 'runtime = "microvm"\nimage = { kind = "debian", path = "/srv/app" }\n',
+     "components.rpc.image.path", "image kind \"debian\" takes packages, not path: remove path"),
+    ("binary image with packages",
+     BASE + 'runtime = "microvm"\nimage = { kind = "binary", path = "/usr/local/bin/ganache", packages = ["curl"] }\n',
+     "components.rpc.image.packages",
+     "image kind 'binary' copies path and installs no packages: remove packages, or set kind = \"debian\""),
+    ("vm memory below the boot minimum", MICROVM + 'memory = "16MiB"\n',
+     "components.rpc.vm.memory",
+     "16 MiB is below the 128 MiB a guest needs to boot: set memory to \"128MiB\" or more"),
+    ("vm memory in decimal units below the minimum", MICROVM + 'memory = "100M"\n',
+     "components.rpc.vm.memory", "95.3674 MiB is below the 128 MiB a guest needs to boot"),
+    ("directory image with packages",
+     BASE + 'runtime = "microvm"\nimage = { kind = "directory", path = "/srv/app", packages = ["curl"] }\n',
+     "components.rpc.image.packages", "image kind 'directory' copies path and installs no packages"),
 ]
 
 
@@ -554,6 +571,20 @@ def test_stop_signal_normalized() -> None:
     component = parse_deployment(BASE + 'stop_signal = "int"\n', "deploy.toml").components["rpc"]
 
     assert component.stop_signal == "SIGINT"
+
+
+def test_vm_memory_minimum_accepted() -> None:
+    deployment = parse_deployment(MICROVM + 'memory = "128MiB"\n', "deploy.toml")
+    vm = deployment.components["rpc"].vm
+    assert vm is not None
+    assert vm.memory == MIN_VM_MEMORY
+
+
+def test_image_problems_reported_together() -> None:
+    text = BASE + 'runtime = "microvm"\nimage = { kind = "binary", packages = ["curl"] }\n'
+    with pytest.raises(ConfigError) as caught:
+        parse_deployment(text, "deploy.toml")
+    assert [issue.path for issue in caught.value.issues] == ["components.rpc.image.path", "components.rpc.image.packages"]
 
 
 def test_host_ports_parsed() -> None:

@@ -1,23 +1,51 @@
-"""Tests of guest image building: cpio, vmlinux extraction, module dependencies, the image cache."""
+"""Tests of guest image building: cpio, vmlinux extraction, module dependencies, executable checks, the image cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import lzma
 import os
+import re
 import secrets
 import shutil
 import stat
+import struct
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from osvm.config.models import ImageSpec
-from osvm.images import ImageError, build_image, find_image, list_images, remove_image
+from osvm.images import (
+    BuiltImage,
+    ImageError,
+    ImageInUseError,
+    ImageUser,
+    build_image,
+    find_image,
+    image_users,
+    list_images,
+    remove_image,
+    remove_image_unless_used,
+)
 from osvm.images.cpio import CpioWriter
+from osvm.images.elf import (
+    ELFCLASS32,
+    ELFCLASS64,
+    ELFDATA2LSB,
+    ELFDATA2MSB,
+    EM_X86_64,
+    ET_DYN,
+    ET_EXEC,
+    PT_INTERP,
+    ElfHeader,
+    read_elf_header,
+)
+from osvm.images.sources import executable_problem
+from osvm.runtimes.microvm.runtime import VmInstance
+from osvm.store.db import InstanceRecord, Store
 from osvm.images.debian import DebianError, _deb822_entries, _one_line_entries, debian_source
 from osvm.images.kernel import (
     BASE_MODULES,
@@ -202,11 +230,11 @@ def test_binary_image_built_then_cached(kernel_cache: Path, tmp_path: Path) -> N
     assert image.rootfs is None
     initrd_mtime = image.initrd.stat().st_mtime_ns
 
-    started = time.monotonic()
-    again = build_image(spec, tmp_path, kernel_cache)
+    builds: list[str] = []
+    again = build_image(spec, tmp_path, kernel_cache, on_build=lambda: builds.append(spec.kind))
     assert again.digest == image.digest
     assert again.initrd.stat().st_mtime_ns == initrd_mtime
-    assert time.monotonic() - started < 5.0
+    assert builds == []
 
     listing = subprocess.run(
         ["cpio", "-t", "--quiet"], input=gzip.decompress(image.initrd.read_bytes()), capture_output=True
@@ -277,9 +305,178 @@ def test_remove_unknown_image_raises(kernel_cache: Path) -> None:
         remove_image(kernel_cache, "0" * 64)
 
 
+def test_new_build_calls_on_build(kernel_cache: Path, tmp_path: Path) -> None:
+    binary = compile_server(tmp_path, extra_bytes=secrets.token_bytes(16))
+    builds: list[str] = []
+
+    image = build_image(ImageSpec(kind="binary", path=str(binary)), tmp_path, kernel_cache, on_build=lambda: builds.append("built"))
+
+    assert builds == ["built"]
+    assert image.initrd.exists()
+
+
 def test_missing_binary_raises(kernel_cache: Path, tmp_path: Path) -> None:
-    with pytest.raises(ImageError, match="is not a file"):
-        build_image(ImageSpec(kind="binary", path=str(tmp_path / "absent")), tmp_path, kernel_cache)
+    absent = tmp_path / "absent"
+    with pytest.raises(ImageError, match=f"image.path {absent} does not exist: correct image.path"):
+        build_image(ImageSpec(kind="binary", path=str(absent)), tmp_path, kernel_cache)
+
+
+def test_dynamic_binary_rejected_before_build(tmp_path: Path) -> None:
+    binary = compile_program(tmp_path, "dynamic")
+    interpreter = readelf_interpreter(binary)
+    cache = tmp_path / "cache"
+
+    with pytest.raises(ImageError) as caught:
+        build_image(ImageSpec(kind="binary", path=str(binary)), tmp_path, cache)
+
+    assert str(caught.value) == (
+        f"image.path {binary} is dynamically linked (interpreter {interpreter}): build it static, or use "
+        f"image.kind = \"directory\" with its libraries or image.kind = \"debian\" with its package"
+    )
+    assert list_images(cache) == []
+
+
+def test_binary_kind_rejects_directory(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match=f"image.path {tmp_path} is a directory, but kind \"binary\" copies one file"):
+        build_image(ImageSpec(kind="binary", path=str(tmp_path)), tmp_path, tmp_path / "cache")
+
+
+def test_directory_kind_rejects_file(tmp_path: Path) -> None:
+    file = tmp_path / "run.sh"
+    file.write_text("#!/bin/sh\n")
+    with pytest.raises(ImageError, match=f"image.path {file} is a file, but kind \"directory\" copies a directory"):
+        build_image(ImageSpec(kind="directory", path=str(file)), tmp_path, tmp_path / "cache")
+
+
+# --- executables of binary images -------------------------------------------------------------
+
+
+def compile_program(directory: Path, name: str, *flags: str) -> Path:
+    """Compile a C program that exits 0 into directory/name with gcc and the given flags."""
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc (Debian package gcc)")
+    binary = directory / name
+    result = subprocess.run(
+        ["gcc", *flags, "-x", "c", "-o", str(binary), "-"], input="int main(void){return 0;}", capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        pytest.skip(f"gcc {' '.join(flags)} failed here: {result.stderr.strip()}")
+    return binary
+
+
+def readelf_interpreter(binary: Path) -> str:
+    """Return the program interpreter that binutils' readelf reports, to check the parser against it."""
+    if shutil.which("readelf") is None:
+        pytest.skip("needs readelf (Debian package binutils)")
+    output = subprocess.run(["readelf", "-lW", str(binary)], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"\[Requesting program interpreter: (.+)\]", output)
+    assert match is not None, output
+    return match.group(1)
+
+
+def synthetic_elf(
+    elf_class: int = ELFCLASS64,
+    data: int = ELFDATA2LSB,
+    elf_type: int = ET_EXEC,
+    machine: int = EM_X86_64,
+    interpreter: bytes | None = None,
+    extended_count: bool = False,
+) -> bytes:
+    """Return a minimal ELF file: the header, one PT_LOAD, an optional PT_INTERP and its path.
+
+    With extended_count, e_phnum is PN_XNUM and the real count is in sh_info of section header 0.
+    """
+    order = "<" if data == ELFDATA2LSB else ">"
+    wide = elf_class == ELFCLASS64
+    header_size, program_size, section_size = (64, 56, 64) if wide else (52, 32, 40)
+    programs = [(1, 0, 0)] + ([(PT_INTERP, 0, len(interpreter))] if interpreter is not None else [])
+    phoff = header_size
+    shoff = phoff + program_size * len(programs)
+    interpreter_offset = shoff + section_size
+    phnum = 0xFFFF if extended_count else len(programs)
+    ident = b"\x7fELF" + bytes([elf_class, data, 1]) + bytes(9)
+    header_format = order + ("HHIQQQIHHHHHH" if wide else "HHIIIIIHHHHHH")
+    header = ident + struct.pack(
+        header_format, elf_type, machine, 1, 0, phoff, shoff, 0, header_size, program_size, phnum, section_size, 1, 0
+    )
+    table = b""
+    for kind, _, size in programs:
+        offset = interpreter_offset if kind == PT_INTERP else 0
+        if wide:
+            table += struct.pack(order + "IIQQQQQQ", kind, 4, offset, 0, 0, size, size, 1)
+        else:
+            table += struct.pack(order + "IIIIIIII", kind, offset, 0, 0, size, size, 4, 1)
+    info_offset = 44 if wide else 28
+    section = bytearray(section_size)
+    struct.pack_into(order + "I", section, info_offset, len(programs) if extended_count else 0)
+    return header + table + bytes(section) + (interpreter or b"")
+
+
+@pytest.mark.parametrize(
+    ("flags", "elf_type"), [(("-static",), ET_EXEC), (("-static-pie", "-fPIE"), ET_DYN)], ids=["static", "static-pie"]
+)
+def test_static_executable_accepted(tmp_path: Path, flags: tuple[str, ...], elf_type: int) -> None:
+    binary = compile_program(tmp_path, "program", *flags)
+    header = read_elf_header(binary)
+    assert header is not None
+    assert header.type == elf_type
+    assert header.interpreter is None
+    assert executable_problem(binary) is None
+
+
+def test_interpreter_matches_readelf(tmp_path: Path) -> None:
+    binary = compile_program(tmp_path, "dynamic")
+    header = read_elf_header(binary)
+    assert header is not None
+    assert header.interpreter == readelf_interpreter(binary)
+
+
+def test_elf32_big_endian_interpreter_read(tmp_path: Path) -> None:
+    path = tmp_path / "ppc"
+    path.write_bytes(synthetic_elf(ELFCLASS32, ELFDATA2MSB, machine=20, interpreter=b"/lib/ld.so.1\0"))
+    header = read_elf_header(path)
+    assert header == ElfHeader(elf_class=ELFCLASS32, type=ET_EXEC, machine=20, interpreter="/lib/ld.so.1")
+
+
+def test_extended_program_header_count_read(tmp_path: Path) -> None:
+    path = tmp_path / "many"
+    path.write_bytes(synthetic_elf(interpreter=b"/lib64/ld-linux-x86-64.so.2\0", extended_count=True))
+    header = read_elf_header(path)
+    assert header is not None
+    assert header.interpreter == "/lib64/ld-linux-x86-64.so.2"
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (synthetic_elf(machine=183), "is an executable for ELF machine 183, but the guest runs x86-64: build it for x86-64"),
+        (synthetic_elf(elf_type=1), "is an ELF relocatable object file, not an executable"),
+        (synthetic_elf()[:40], "is not a valid ELF file (the ELF header is truncated)"),
+        (synthetic_elf(interpreter=b"/lib/ld.so\0")[:245], "is not a valid ELF file (the PT_INTERP segment is truncated)"),
+        (b"PK\x03\x04 a zip archive", "is neither an ELF executable nor a #! script (it starts with b'PK\\x03\\x04 a z')"),
+        (b"", "is neither an ELF executable nor a #! script"),
+        (b"#!/usr/bin/python3\nprint(1)\n", "is a script for /usr/bin/python3 (its #! line)"),
+        (b"#!/usr/bin/env python3\n", "is a script for /usr/bin/env python3 (its #! line)"),
+        (b"#!/bin/bash -e\n", "is a script for /bin/bash (its #! line)"),
+        (b"#!\n", "is a script for no interpreter (its #! line)"),
+    ],
+    ids=["foreign machine", "object file", "truncated header", "truncated interpreter", "zip archive", "empty file",
+         "python script", "env python script", "bash script", "empty #! line"],
+)
+def test_unrunnable_file_rejected(tmp_path: Path, content: bytes, fragment: str) -> None:
+    path = tmp_path / "program"
+    path.write_bytes(content)
+    problem = executable_problem(path)
+    assert problem is not None
+    assert problem.startswith(f"{path} ")
+    assert fragment in problem
+
+
+@pytest.mark.parametrize("first_line", ["#!/bin/sh", "#!/bin/sh -e", "#! /bin/ash", "#!/usr/bin/env sh"])
+def test_busybox_shell_script_accepted(tmp_path: Path, first_line: str) -> None:
+    path = tmp_path / "run.sh"
+    path.write_text(f"{first_line}\necho ok\n")
+    assert executable_problem(path) is None
 
 
 @pytest.mark.skipif(os.environ.get("OSVM_SLOW_TESTS") != "1", reason="debootstrap takes minutes: set OSVM_SLOW_TESTS=1")
@@ -294,3 +491,93 @@ def test_debian_image_with_debootstrap(kernel_cache: Path, tmp_path: Path) -> No
     assert image.rootfs is not None
     listing = subprocess.run(["debugfs", "-R", "ls -l /usr/bin", str(image.rootfs)], capture_output=True, text=True).stdout
     assert "nc.openbsd" in listing
+
+
+# --- removal of images in use ------------------------------------------------------------------
+
+
+def record_vm_instance(state_dir: Path, image: BuiltImage, instance_id: str, state: str | None) -> None:
+    """Write what the daemon keeps for a microVM instance of component "web": its microvm.json and,
+    unless state is None, its row in the store."""
+    instance_dir = state_dir / "instances" / instance_id
+    instance_dir.mkdir(parents=True)
+    VmInstance(
+        accelerator="tcg", accelerator_reason="test", image=image.digest, kernel=str(image.kernel),
+        initrd=str(image.initrd), overlay=None, vcpus=1, memory=256 << 20,
+    ).save(instance_dir)  # fmt: skip
+    if state is None:
+        return
+    store = Store(state_dir / "state.db")
+    try:
+        store.add_instance(InstanceRecord(id=instance_id, component="web", revision=1, runtime="microvm", state=state))
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def unique_image(kernel_cache: Path, tmp_path: Path) -> BuiltImage:
+    binary = compile_server(tmp_path, extra_bytes=secrets.token_bytes(16))
+    return build_image(ImageSpec(kind="binary", path=str(binary)), tmp_path, kernel_cache)
+
+
+def test_image_of_live_instance_kept(kernel_cache: Path, tmp_path: Path, unique_image: BuiltImage) -> None:
+    state_dir = tmp_path / "state"
+    record_vm_instance(state_dir, unique_image, "web-1-aaaaaa", "running")
+    record_vm_instance(state_dir, unique_image, "web-2-bbbbbb", "backoff")
+
+    with pytest.raises(ImageInUseError) as caught:
+        remove_image_unless_used(kernel_cache, state_dir, unique_image.digest[:12])
+
+    assert caught.value.users == [
+        ImageUser(component="web", instance="web-1-aaaaaa", state="running"),
+        ImageUser(component="web", instance="web-2-bbbbbb", state="backoff"),
+    ]
+    message = str(caught.value)
+    assert f"image {unique_image.short_digest} is in use by web (instance web-1-aaaaaa, running), " in message
+    assert "web (instance web-2-bbbbbb, backoff)" in message
+    assert "`osvm stop web`" in message
+    assert f"`osvm image rm --force {unique_image.short_digest}`" in message
+    assert unique_image.initrd.exists()
+
+
+def test_image_of_stopped_instance_removed(kernel_cache: Path, tmp_path: Path, unique_image: BuiltImage) -> None:
+    state_dir = tmp_path / "state"
+    record_vm_instance(state_dir, unique_image, "web-1-aaaaaa", "stopped")
+    record_vm_instance(state_dir, unique_image, "web-2-bbbbbb", "failed")
+
+    removed, users = remove_image_unless_used(kernel_cache, state_dir, unique_image.digest)
+
+    assert removed.digest == unique_image.digest
+    assert users == []
+    assert not unique_image.directory.exists()
+
+
+def test_instance_without_store_row_counts(kernel_cache: Path, tmp_path: Path, unique_image: BuiltImage) -> None:
+    state_dir = tmp_path / "state"
+    record_vm_instance(state_dir, unique_image, "web-1-aaaaaa", None)
+
+    assert image_users(state_dir, unique_image.digest) == [
+        ImageUser(component="unknown", instance="web-1-aaaaaa", state="unknown")
+    ]
+    with pytest.raises(ImageInUseError):
+        remove_image_unless_used(kernel_cache, state_dir, unique_image.digest)
+    assert unique_image.directory.exists()
+
+
+def test_other_image_does_not_count(kernel_cache: Path, tmp_path: Path, unique_image: BuiltImage) -> None:
+    state_dir = tmp_path / "state"
+    other = dataclasses.replace(unique_image, digest="f" * 64)
+    record_vm_instance(state_dir, other, "web-1-aaaaaa", "running")
+
+    assert image_users(state_dir, unique_image.digest) == []
+
+
+def test_forced_removal_returns_users(kernel_cache: Path, tmp_path: Path, unique_image: BuiltImage) -> None:
+    state_dir = tmp_path / "state"
+    record_vm_instance(state_dir, unique_image, "web-1-aaaaaa", "running")
+
+    removed, users = remove_image_unless_used(kernel_cache, state_dir, unique_image.digest, force=True)
+
+    assert removed.digest == unique_image.digest
+    assert users == [ImageUser(component="web", instance="web-1-aaaaaa", state="running")]
+    assert not unique_image.directory.exists()

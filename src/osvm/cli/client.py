@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -75,12 +76,22 @@ class Client:
         return self._request("POST", path, json=body or {}, timeout=timeout)
 
     def stream(self, path: str, **params: Any) -> Iterator[bytes]:
+        with self.open_stream(path, **params) as response:
+            yield from response.iter_raw()
+
+    @contextmanager
+    def open_stream(self, path: str, **params: Any) -> Iterator[httpx.Response]:
+        """Send a GET whose body streams, and yield the response once its status is a success.
+
+        Read the body with iter_raw() inside the block. Raises ClientError for an error status or
+        when the daemon cannot be reached, also while the body is read.
+        """
         try:
             with self._http.stream("GET", path, params=params, timeout=None) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise ClientError(_error_message(response))
-                yield from response.iter_raw()
+                yield response
         except httpx.TransportError as error:
             raise ClientError(self._unreachable(error)) from None
 

@@ -7,13 +7,16 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from osvm import __version__, paths
 from osvm.cli.client import STOP_TIMEOUT, Client, ClientError
 from osvm.cli.output import status_table, table
 from osvm.config.load import ConfigError, load_deployment
-from osvm.config.models import Deployment
+from osvm.config.models import Deployment, ImageSpec
+
+if TYPE_CHECKING:
+    from osvm.images import BuiltImage
 
 # Exit statuses.
 OK = 0
@@ -45,8 +48,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from osvm.images.sources import image_source_issues
+
     deployment = _load(args.file, args.json)
     if deployment is None:
+        return FAILED
+    # The image sources are host files, so they are checked here and not in the model, which the
+    # daemon also uses for stored revisions.
+    issues = image_source_issues(deployment, Path(args.file).absolute().parent)
+    if issues:
+        _report_config_error(ConfigError(args.file, issues), args.json)
         return FAILED
     if args.json:
         _print_json({"file": args.file, "valid": True, "components": deployment.start_order()})
@@ -126,10 +137,17 @@ def cmd_logs(args: argparse.Namespace) -> int:
         params["follow"] = 1
     if args.instance:
         params["instance"] = args.instance
-    out = sys.stdout.buffer
-    for chunk in _client(args).stream(f"/v1/components/{args.component}/logs", **params):
-        out.write(chunk)
-        out.flush()
+    with _client(args).open_stream(f"/v1/components/{args.component}/logs", **params) as response:
+        if args.json:
+            instance = response.headers.get("X-Osvm-Instance", "")
+            for line in _lines(response.iter_raw()):
+                text = line.decode("utf-8", errors="replace")
+                print(json.dumps({"component": args.component, "instance": instance, "text": text}), flush=True)
+            return OK
+        out = sys.stdout.buffer
+        for chunk in response.iter_raw():
+            out.write(chunk)
+            out.flush()
     return OK
 
 
@@ -141,19 +159,26 @@ def cmd_events(args: argparse.Namespace) -> int:
         params["component"] = args.component
     if args.follow:
         params["follow"] = 1
-    buffer = b""
-    for chunk in _client(args).stream("/v1/events", **params):
-        buffer += chunk
-        while b"\n" in buffer:
-            line, buffer = buffer.split(b"\n", 1)
-            if not line.strip():
-                continue
-            event = json.loads(line)
-            if args.json:
-                print(json.dumps(event), flush=True)
-            else:
-                print(_format_event(event), flush=True)
+    for line in _lines(_client(args).stream("/v1/events", **params)):
+        if not line.strip():
+            continue
+        event = json.loads(line)
+        if args.json:
+            print(json.dumps(event), flush=True)
+        else:
+            print(_format_event(event), flush=True)
     return OK
+
+
+def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Split a streamed body into lines without their newline. A last line without a newline is yielded at the end."""
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        yield from lines
+    if buffer:
+        yield buffer
 
 
 def cmd_component_action(args: argparse.Namespace) -> int:
@@ -374,7 +399,7 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def cmd_image(args: argparse.Namespace) -> int:
-    from osvm.images import ImageError, build_image, list_images, remove_image
+    from osvm.images import ImageError, ImageInUseError, list_images, remove_image_unless_used
 
     cache = _state_dir(args) / "images"
     if args.image_action == "build":
@@ -391,16 +416,20 @@ def cmd_image(args: argparse.Namespace) -> int:
             if component is None or component.image is None:
                 _error(f"{args.file}: component {name!r} has no [image] table")
                 return FAILED
-            if not args.json:
-                print(f"{name}: building a {component.image.kind} image ({component.image.format})", flush=True)
+            spec = component.image
             try:
-                image = build_image(component.image, Path(args.file).absolute().parent, cache)
+                image, was_built = _build_or_reuse(name, spec, Path(args.file).absolute().parent, cache, quiet=args.json)
             except Exception as error:  # noqa: BLE001 - an image build fails in many tools; report the reason.
                 _error(f"{name}: cannot build the image: {error}")
                 return FAILED
-            built.append({"component": name, "digest": image.digest, "directory": str(image.directory)})
-            if not args.json:
-                print(f"{name}: image {image.short_digest} in {image.directory}")
+            action = "built" if was_built else "reused"
+            built.append({"component": name, "digest": image.digest, "directory": str(image.directory), "action": action})
+            if args.json:
+                continue
+            if was_built:
+                print(f"{name}: built image {image.short_digest} in {image.directory}")
+            else:
+                print(f"{name}: reused the cached {spec.kind} image {image.short_digest} ({spec.format}) in {image.directory}")
         if args.json:
             _print_json({"images": built})
         return OK
@@ -417,16 +446,43 @@ def cmd_image(args: argparse.Namespace) -> int:
         return OK
     if args.image_action == "rm":
         try:
-            image = remove_image(cache, args.digest)
+            image, users = remove_image_unless_used(cache, _state_dir(args), args.digest, force=args.force)
+        except ImageInUseError as error:
+            _error(str(error))
+            if args.json:
+                _print_json({"removed": None, "digest": error.image.digest, "in_use": [user.to_json() for user in error.users]})
+            return FAILED
         except ImageError as error:
             _error(str(error))
             return FAILED
         if args.json:
-            _print_json({"removed": image.digest})
-        else:
-            print(f"removed image {image.short_digest}")
+            _print_json({"removed": image.digest, "digest": image.digest, "in_use": [user.to_json() for user in users]})
+            return OK
+        if users:
+            names = ", ".join(user.describe() for user in users)
+            _warning(
+                f"image {image.short_digest} was in use by {names}: they cannot restart until it is rebuilt, "
+                f"so run `osvm image build FILE` with their deployment file"
+            )
+        print(f"removed image {image.short_digest}")
         return OK
     return USAGE
+
+
+def _build_or_reuse(name: str, spec: ImageSpec, base_dir: Path, cache: Path, quiet: bool) -> tuple["BuiltImage", bool]:
+    """Return a component's image from the cache or a new build, and whether it was built."""
+    from osvm.images import build_image
+
+    was_built = False
+
+    def announce_build() -> None:
+        nonlocal was_built
+        was_built = True
+        if not quiet:
+            print(f"{name}: building a {spec.kind} image ({spec.format})", flush=True)
+
+    image = build_image(spec, base_dir, cache, on_build=announce_build)
+    return image, was_built
 
 
 def cmd_revisions(args: argparse.Namespace) -> int:
@@ -536,13 +592,17 @@ def _load(file: str, as_json: bool) -> Deployment | None:
     try:
         deployment = load_deployment(file)
     except ConfigError as error:
-        if as_json:
-            _print_json({"valid": False, **error.to_json()})
-        else:
-            for issue in error.issues:
-                _error(issue.render(error.file))
+        _report_config_error(error, as_json)
         return None
     return deployment.with_paths_resolved(str(Path(file).absolute().parent))
+
+
+def _report_config_error(error: ConfigError, as_json: bool) -> None:
+    if as_json:
+        _print_json({"valid": False, **error.to_json()})
+    else:
+        for issue in error.issues:
+            _error(issue.render(error.file))
 
 
 def _parse_since(value: str) -> float:
@@ -566,6 +626,10 @@ def _print_json(value: Any) -> None:
 
 def _error(message: str) -> None:
     print(f"osvm: error: {message}", file=sys.stderr)
+
+
+def _warning(message: str) -> None:
+    print(f"osvm: warning: {message}", file=sys.stderr)
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -594,7 +658,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"osvm {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    validate = commands.add_parser("validate", parents=[common], help="check a deployment file without applying it")
+    validate = commands.add_parser(
+        "validate",
+        parents=[common],
+        help="check a deployment file, and the image paths it names on this host, without applying it",
+    )
     validate.add_argument("file", help="deployment file (TOML)")
     validate.set_defaults(handler=cmd_validate)
 
@@ -610,7 +678,11 @@ def _build_parser() -> argparse.ArgumentParser:
     status.add_argument("component", nargs="?", help="show only this component")
     status.set_defaults(handler=cmd_status)
 
-    logs = commands.add_parser("logs", parents=[common], help="print a component's stdout and stderr")
+    logs = commands.add_parser(
+        "logs",
+        parents=[common],
+        help="print a component's stdout and stderr (with --json, one object per line with the instance id and the text)",
+    )
     logs.add_argument("component")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
     logs.add_argument("--since", help="only output written in this recent time, such as 10m, 2h or 30s")
@@ -706,12 +778,37 @@ def _build_parser() -> argparse.ArgumentParser:
 
     image = commands.add_parser("image", parents=[common], help="guest images for runtime \"microvm\"")
     image_actions = image.add_subparsers(dest="image_action", metavar="ACTION", required=True)
-    image_build = image_actions.add_parser("build", parents=[common], help="build (or find in the cache) the images of a deployment file")
+    image_build = image_actions.add_parser(
+        "build",
+        parents=[common],
+        help="build the images of a deployment file, or reuse a cached image with the same digest",
+        description=(
+            "Build the image of each component with an [image] table, or reuse the cached image with the "
+            "same digest. The output says which happened; with --json, each entry has \"action\": "
+            "\"built\" or \"reused\"."
+        ),
+    )
     image_build.add_argument("file", help="deployment file (TOML)")
     image_build.add_argument("component", nargs="?", help="only this component's image")
     image_actions.add_parser("ls", parents=[common], help="list cached images")
-    image_rm = image_actions.add_parser("rm", parents=[common], help="remove a cached image")
+    image_rm = image_actions.add_parser(
+        "rm",
+        parents=[common],
+        help="remove a cached image, which is rejected while a live microVM instance uses it unless --force is given",
+        description=(
+            "Remove a cached image. A microVM instance reads its image again at every restart, so the "
+            "command is rejected while a live instance (one that has not stopped, exited or failed) uses "
+            "the image, and the error names each such component and instance. The check reads the state "
+            "directory, so it works whether or not the daemon runs. With --json, the output is "
+            "{\"removed\": DIGEST or null, \"digest\": DIGEST, \"in_use\": [{\"component\", \"instance\", \"state\"}]}."
+        ),
+    )
     image_rm.add_argument("digest", help="image digest or a unique prefix of it")
+    image_rm.add_argument(
+        "--force",
+        action="store_true",
+        help="remove the image even if live instances use it, which then fail at their next restart until it is rebuilt",
+    )
     image.set_defaults(handler=cmd_image)
 
     revisions = commands.add_parser("revisions", parents=[common], help="list the stored revisions of a component")

@@ -29,7 +29,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from osvm.config.models import ImageSpec
 from osvm.guest import agent_digest, build_agent
@@ -44,6 +44,7 @@ from osvm.images.kernel import (
     module_name,
     read_module,
 )
+from osvm.images.sources import resolve_source, source_problem
 
 logger = logging.getLogger("osvm.images")
 
@@ -92,12 +93,15 @@ def build_image(
     base_dir: Path,
     cache_dir: Path,
     kernel_package: str | None = None,
+    on_build: Callable[[], None] | None = None,
 ) -> BuiltImage:
     """Return the image for spec from the cache, building it first when it is not there.
 
     `base_dir` resolves a relative spec.path (the deployment file's directory). `kernel_package`
     picks a kernel package such as linux-image-6.1.0-57-amd64 instead of the newest cached one.
-    Raises ImageError (or KernelError, AgentBuildError) naming the failing step.
+    `on_build` is called once the cache has no image of this digest, just before the build
+    starts, so a caller can tell a build from a cache hit. Raises ImageError (or KernelError,
+    AgentBuildError) naming the failing step.
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +116,8 @@ def build_image(
         if existing is not None:
             logger.info("image %s is cached in %s", existing.short_digest, existing.directory)
             return existing
+        if on_build is not None:
+            on_build()
         started = time.monotonic()
         staging = Path(tempfile.mkdtemp(prefix=f".build-{digest[:12]}-", dir=cache_dir))
         try:
@@ -183,14 +189,26 @@ def list_images(cache_dir: Path) -> list[BuiltImage]:
     return sorted(images, key=lambda image: image.created, reverse=True)
 
 
+def get_image(cache_dir: Path, digest: str) -> BuiltImage:
+    """Return the cached image with this digest or unique digest prefix.
+
+    Raises ImageError when no image, or more than one, matches.
+    """
+    image = find_image(Path(cache_dir), digest)
+    if image is not None:
+        return image
+    matches = [image.short_digest for image in list_images(Path(cache_dir)) if image.digest.startswith(digest)]
+    if len(matches) > 1:
+        raise ImageError(f"{digest!r} matches {len(matches)} cached images ({', '.join(matches)}): give more digits")
+    raise ImageError(f"no cached image matches {digest!r}: list the images to see their digests")
+
+
 def remove_image(cache_dir: Path, digest: str) -> BuiltImage:
     """Remove a cached image by digest or unique digest prefix and return what was removed.
 
     The shared kernel stays. Raises ImageError when no single image matches.
     """
-    image = find_image(Path(cache_dir), digest)
-    if image is None:
-        raise ImageError(f"no cached image matches {digest!r}: list the images to see their digests")
+    image = get_image(Path(cache_dir), digest)
     shutil.rmtree(image.directory)
     logger.info("removed image %s", image.short_digest)
     return image
@@ -346,16 +364,11 @@ def _read_manifest(cache_dir: Path, directory: Path) -> BuiltImage | None:
 def _source_path(spec: ImageSpec, base_dir: Path) -> Path | None:
     if spec.kind == "debian":
         return None
-    assert spec.path is not None
-    source = Path(spec.path)
-    if not source.is_absolute():
-        source = base_dir / source
-    source = source.resolve()
-    if spec.kind == "binary" and not source.is_file():
-        raise ImageError(f"image path {source} is not a file: set image.path to the static binary to copy")
-    if spec.kind == "directory" and not source.is_dir():
-        raise ImageError(f"image path {source} is not a directory: set image.path to the directory to copy")
-    return source
+    source = resolve_source(spec, base_dir)
+    problem = source_problem(spec.kind, source)
+    if problem is not None:
+        raise ImageError(f"image.path {problem}")
+    return source.resolve()
 
 
 def _file_digest(path: Path) -> str:
