@@ -159,6 +159,18 @@ def test_validate_rejects_bad_image_path(tmp_path: Path, state_dir: Path, case: 
     assert fragment.format(tmp=tmp_path) in lines[0]
 
 
+def test_up_rejects_bad_image_before_daemon(tmp_path: Path, state_dir: Path) -> None:
+    # The host check runs before `osvm up` starts a daemon or applies anything.
+    file = write_file(tmp_path / "files" / "deploy.toml", {"web": vm_component(image_case_source(tmp_path, "dynamic binary"))})
+
+    result = osvm_cli(state_dir, "up", str(file))
+
+    assert result.returncode == 1
+    assert f"{file}: components.web.image.path: " in result.stderr
+    assert "dynamically linked" in result.stderr
+    assert not (state_dir / "osvm.sock").exists()
+
+
 def test_validate_json_lists_image_issue(tmp_path: Path, state_dir: Path) -> None:
     file = write_file(tmp_path / "deploy.toml", {"web": vm_component({"kind": "binary", "path": str(tmp_path)})})
 

@@ -48,16 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from osvm.images.sources import image_source_issues
-
-    deployment = _load(args.file, args.json)
+    deployment = _load(args.file, args.json, check_sources=True)
     if deployment is None:
-        return FAILED
-    # The image sources are host files, so they are checked here and not in the model, which the
-    # daemon also uses for stored revisions.
-    issues = image_source_issues(deployment, Path(args.file).absolute().parent)
-    if issues:
-        _report_config_error(ConfigError(args.file, issues), args.json)
         return FAILED
     if args.json:
         _print_json({"file": args.file, "valid": True, "components": deployment.start_order()})
@@ -68,7 +60,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    deployment = _load(args.file, args.json)
+    deployment = _load(args.file, args.json, check_sources=True)
     if deployment is None:
         return FAILED
     client = _client(args)
@@ -229,7 +221,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         return OK
     body: dict[str, Any] = {"set": args.set or []}
     if args.file:
-        deployment = _load(args.file, args.json)
+        deployment = _load(args.file, args.json, check_sources=True)
         if deployment is None:
             return FAILED
         if args.component not in deployment.components:
@@ -588,13 +580,27 @@ def _format_event(event: dict[str, Any]) -> str:
     return f"{moment}  {subject:<24}  {event['kind']:<20}  {event['reason']}"
 
 
-def _load(file: str, as_json: bool) -> Deployment | None:
+def _load(file: str, as_json: bool, check_sources: bool = False) -> Deployment | None:
+    """Load and validate a deployment file, reporting its errors; None when it is invalid.
+
+    With check_sources, the host files that images copy are checked too. They are checked here and
+    not in the model, which the daemon also uses for stored revisions.
+    """
+    from osvm.images.sources import image_source_issues
+
     try:
         deployment = load_deployment(file)
     except ConfigError as error:
         _report_config_error(error, as_json)
         return None
-    return deployment.with_paths_resolved(str(Path(file).absolute().parent))
+    base_dir = Path(file).absolute().parent
+    deployment = deployment.with_paths_resolved(str(base_dir))
+    if check_sources:
+        issues = image_source_issues(deployment, base_dir)
+        if issues:
+            _report_config_error(ConfigError(file, issues), as_json)
+            return None
+    return deployment
 
 
 def _report_config_error(error: ConfigError, as_json: bool) -> None:
