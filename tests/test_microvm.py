@@ -29,10 +29,22 @@ from osvm.images.kernel import KernelError, fetch_kernel
 from osvm.probes.exec import check_exec
 from osvm.probes.target import ProbeTarget
 from osvm.runtimes import procinfo
-from osvm.runtimes.base import LaunchPlan, ProcessHandle
+from osvm.runtimes.base import DeliveryError, LaunchPlan, ProcessHandle
 from osvm.runtimes.microvm import MicroVmRuntime, detect_accelerator
+from osvm.runtimes.microvm.agent import AgentSession
 from osvm.runtimes.microvm.guest_exec import echo, run_in_guest
-from osvm.runtimes.microvm.protocol import encode_exec
+from osvm.runtimes.microvm.protocol import (
+    GUEST_TLS_DIR,
+    PROTOCOL_VERSION,
+    AgentState,
+    FrameParser,
+    GuestFile,
+    Hello,
+    MessageType,
+    decode_hello,
+    encode_exec,
+    encode_frame,
+)
 from osvm.runtimes.microvm.qemu import QemuConfig, build_qemu_argv
 from osvm.runtimes.cgroups import CONTROLLERS, DEFAULT_ROOT, Cgroup
 from osvm.runtimes.microvm.qmp import qmp_execute
@@ -44,12 +56,19 @@ from osvm.runtimes.microvm.runtime import (
     _describe_exit,
     guest_argv,
     guest_env,
+    read_tls_files,
 )
+from osvm.security.ca import CertificateAuthority, IssuedCertificate
+from osvm.security.instance_certs import write_instance_files
 from e2e import free_subnet_pool, link_names
 from test_microvm_support import IMAGE_CACHE, compile_server, make_plan, require_qemu
 
 # A boot under TCG takes 2 to 10 s on a loaded 2-core host.
 READY_TIMEOUT = 60.0
+# A component that copies $OSVM_TLS_CERT to /data/reloaded.pem on each SIGHUP, so a test can check
+# that the signal reached it after the new files were in place. `wait` returns as soon as a trapped
+# signal arrives, so the trap runs at once.
+RELOAD_ON_HUP = """trap 'cat "$OSVM_TLS_CERT" > /data/reloaded.pem' HUP; while true; do sleep 1 & wait $!; done"""
 
 
 @pytest.fixture(scope="module")
@@ -395,6 +414,135 @@ async def test_echo_and_abandoned_exec(vms: VmTracker, server_binary: Path) -> N
     await vms.runtime.wait(handle, plan)
 
 
+async def test_tls_files_in_guest_and_renewal(vms: VmTracker, server_binary: Path) -> None:
+    plan, handle, ca, first = await boot_with_certificate(vms, server_binary, "web-1-nnnnnn")
+    exec_socket = str(plan.instance_dir / "exec.sock")
+    assert handle.extra["agent"].agent_version == PROTOCOL_VERSION
+
+    expected_paths = {
+        "OSVM_TLS_CERT": f"{GUEST_TLS_DIR}/cert.pem",
+        "OSVM_TLS_KEY": f"{GUEST_TLS_DIR}/key.pem",
+        "OSVM_TLS_CA": f"{GUEST_TLS_DIR}/ca.pem",
+    }
+    for variable, path in expected_paths.items():
+        assert await guest_output(exec_socket, f'printf %s "${variable}"') == path.encode()
+    assert await guest_output(exec_socket, 'cat "$OSVM_TLS_CERT"') == first.chain_pem
+    assert await guest_output(exec_socket, 'cat "$OSVM_TLS_KEY"') == first.key_pem
+    assert await guest_output(exec_socket, 'cat "$OSVM_TLS_CA"') == first.ca_pem
+    modes = await guest_output(exec_socket, f'stat -c "%n %a" {GUEST_TLS_DIR} "$OSVM_TLS_KEY" "$OSVM_TLS_CERT" "$OSVM_TLS_CA"')
+    assert modes.decode().splitlines() == [
+        f"{GUEST_TLS_DIR} 700",
+        f"{GUEST_TLS_DIR}/key.pem 600",
+        f"{GUEST_TLS_DIR}/cert.pem 644",
+        f"{GUEST_TLS_DIR}/ca.pem 644",
+    ]
+
+    second = renew_on_host(plan, ca)
+    assert second.chain_pem != first.chain_pem
+    detail = await vms.runtime.update_certificate(handle, plan)
+    assert detail == f"copied the files to {GUEST_TLS_DIR} in the VM"
+    await vms.runtime.send_signal(handle, plan, "SIGHUP")
+    await wait_for_guest_file(exec_socket, "/data/reloaded.pem", second.chain_pem)
+    assert await guest_output(exec_socket, 'cat "$OSVM_TLS_CERT"') == second.chain_pem
+    assert await guest_output(exec_socket, 'cat "$OSVM_TLS_KEY"') == second.key_pem
+    # No temporary file of the atomic replacement is left.
+    assert (await guest_output(exec_socket, f"ls -A {GUEST_TLS_DIR}")).split() == [b"ca.pem", b"cert.pem", b"key.pem"]
+
+    await vms.runtime.stop(handle, plan)
+    status = await vms.runtime.wait(handle, plan)
+    assert status.code == 128 + signal.SIGTERM
+
+
+async def test_agent_rejects_paths_outside_tls_dir(vms: VmTracker, server_binary: Path) -> None:
+    plan = make_plan(vms.state_dir, "web-1-oooooo", server_binary)
+    handle = await vms.boot_ready(plan)
+    session = handle.extra["agent"]
+    assert isinstance(session, AgentSession)
+    exec_socket = str(plan.instance_dir / "exec.sock")
+
+    rejected = [
+        "/etc/passwd",
+        "/run/osvm/escape.pem",
+        f"{GUEST_TLS_DIR}/../escape.pem",
+        f"{GUEST_TLS_DIR}/.hidden",
+        f"{GUEST_TLS_DIR}/sub/cert.pem",
+        f"{GUEST_TLS_DIR}x/cert.pem",
+        f"{GUEST_TLS_DIR}/",
+        f"{GUEST_TLS_DIR}/nul\0byte",
+        "cert.pem",
+    ]
+    for path in rejected:
+        with pytest.raises(DeliveryError, match="is not allowed"):
+            await session.write_files([GuestFile(path, 0o644, b"rejected\n")])
+    with pytest.raises(DeliveryError, match="mode 04755 of setuid.pem is invalid"):
+        await session.write_files([GuestFile(f"{GUEST_TLS_DIR}/setuid.pem", 0o4755, b"rejected\n")])
+    # One invalid path rejects the whole message, so the valid file before it is not written either.
+    with pytest.raises(DeliveryError, match="is not allowed"):
+        await session.write_files([GuestFile(f"{GUEST_TLS_DIR}/valid.pem", 0o644, b"x"), GuestFile("/etc/hosts", 0o644, b"x")])
+    listing = await guest_output(exec_socket, "ls -A / /run /run/osvm /run/osvm/tls 2>&1; true")
+    assert b"escape" not in listing
+    assert b"valid.pem" not in listing
+    assert b"hidden" not in listing
+    assert b"setuid" not in listing
+    assert b"rejected" not in await guest_output(exec_socket, "cat /etc/passwd /etc/hosts 2>&1; true")
+
+    # Without OSVM_TLS_* variables there are no files to copy, and signals still reach the component.
+    assert read_tls_files(plan.env) is None
+    assert await vms.runtime.update_certificate(handle, plan) == "no certificate files to copy into the VM"
+    await vms.runtime.send_signal(handle, plan, "SIGWINCH")
+    with pytest.raises(DeliveryError, match="invalid signal number 99"):
+        await session.send_signal(99)
+
+    await vms.runtime.stop(handle, plan)
+    await vms.runtime.wait(handle, plan)
+    with pytest.raises(DeliveryError, match="not connected"):
+        await vms.runtime.send_signal(handle, plan, "SIGHUP")
+
+
+async def test_hello_request_restates_state(vms: VmTracker, server_binary: Path) -> None:
+    plan = make_plan(vms.state_dir, "web-1-rrrrrr", server_binary)
+    handle = await vms.boot_ready(plan)
+    component_pid = handle.extra["agent"].component_pid
+
+    # A connection brings at most one HELLO of the agent's own, so two requests bring at least two.
+    hellos = await asyncio.to_thread(_request_hellos, plan.instance_dir / "exec.sock", 2)
+    assert len(hellos) >= 2
+    for hello in hellos:
+        assert hello.version == PROTOCOL_VERSION
+        assert hello.state == AgentState.RUNNING
+        assert hello.component_pid == component_pid
+
+    await vms.runtime.stop(handle, plan)
+    await vms.runtime.wait(handle, plan)
+
+
+async def test_tls_renewal_after_adoption(vms: VmTracker, server_binary: Path) -> None:
+    plan, handle, ca, first = await boot_with_certificate(vms, server_binary, "web-1-pppppp")
+    exec_socket = str(plan.instance_dir / "exec.sock")
+    assert await guest_output(exec_socket, 'cat "$OSVM_TLS_CERT"') == first.chain_pem
+    await handle.extra["agent"].close()
+
+    # As if a daemon wrote renewed files and stopped before it copied them into the guest: the
+    # next daemon copies the host's files when it adopts the VM.
+    second = renew_on_host(plan, ca)
+    restarted = MicroVmRuntime(vms.state_dir, image_cache=IMAGE_CACHE)
+    adopted = restarted.adopt(plan, handle.pid, handle.start_time)
+    assert adopted is not None
+    vms.started.append((adopted, plan))
+    assert await restarted.wait_ready(adopted, 10.0)
+    await wait_for_guest_file(exec_socket, f"{GUEST_TLS_DIR}/cert.pem", second.chain_pem)
+    assert await guest_output(exec_socket, 'cat "$OSVM_TLS_KEY"') == second.key_pem
+
+    third = renew_on_host(plan, ca)
+    assert await restarted.update_certificate(adopted, plan) == f"copied the files to {GUEST_TLS_DIR} in the VM"
+    await restarted.send_signal(adopted, plan, "SIGHUP")
+    await wait_for_guest_file(exec_socket, "/data/reloaded.pem", third.chain_pem)
+
+    await restarted.stop(adopted, plan)
+    status = await restarted.wait(adopted, plan)
+    assert status.code == 128 + signal.SIGTERM
+
+
 @pytest.mark.skipif(os.environ.get("OSVM_SLOW_TESTS") != "1", reason="debootstrap takes minutes: set OSVM_SLOW_TESTS=1")
 async def test_debian_ext4_vm_serves_tcp(vms: VmTracker, server_binary: Path) -> None:
     if os.geteuid() != 0 or shutil.which("debootstrap") is None:
@@ -441,9 +589,100 @@ def test_guest_env_replaces_host_paths(server_binary: Path, tmp_path: Path) -> N
     assert env["HOME"] == "/data"
     assert env["OSVM_PORT_HTTP"] == plan.env["OSVM_PORT_HTTP"]
     assert "/app" in env["PATH"].split(":")
+    assert not any(name.startswith("OSVM_TLS_") for name in env)
+
+
+def test_guest_env_maps_tls_files(tmp_path: Path) -> None:
+    host_dir = tmp_path / "data" / "web-1-qqqqqq" / "tls"
+    host_dir.mkdir(parents=True)
+    env = {}
+    for variable, name, content in (
+        ("OSVM_TLS_CERT", "cert.pem", b"certificate"), ("OSVM_TLS_KEY", "key.pem", b"key"), ("OSVM_TLS_CA", "ca.pem", b"root"),
+    ):
+        (host_dir / name).write_bytes(content)
+        env[variable] = str(host_dir / name)
+
+    mapped = guest_env(env)
+    assert mapped["OSVM_TLS_CERT"] == f"{GUEST_TLS_DIR}/cert.pem"
+    assert mapped["OSVM_TLS_KEY"] == f"{GUEST_TLS_DIR}/key.pem"
+    assert mapped["OSVM_TLS_CA"] == f"{GUEST_TLS_DIR}/ca.pem"
+    # The key is replaced before the certificate, as on the host, and only its owner may read it.
+    assert read_tls_files(env) == [
+        GuestFile(f"{GUEST_TLS_DIR}/ca.pem", 0o644, b"root"),
+        GuestFile(f"{GUEST_TLS_DIR}/key.pem", 0o600, b"key"),
+        GuestFile(f"{GUEST_TLS_DIR}/cert.pem", 0o644, b"certificate"),
+    ]
+
+    (host_dir / "key.pem").unlink()
+    with pytest.raises(FileNotFoundError):
+        read_tls_files(env)
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+async def boot_with_certificate(
+    vms: VmTracker, server_binary: Path, instance_id: str
+) -> tuple[LaunchPlan, ProcessHandle, CertificateAuthority, IssuedCertificate]:
+    """Boot the RELOAD_ON_HUP component with a certificate from a new CA in the test's state directory."""
+    ca = CertificateAuthority.init(vms.state_dir / "ca")
+    plan, issued = with_certificate(make_plan(vms.state_dir, instance_id, server_binary, command=RELOAD_ON_HUP), ca)
+    handle = await vms.boot_ready(plan)
+    return plan, handle, ca, issued
+
+
+def with_certificate(plan: LaunchPlan, ca: CertificateAuthority) -> tuple[LaunchPlan, IssuedCertificate]:
+    """Issue the instance a certificate, write its files as the daemon does, and add OSVM_TLS_* to the plan."""
+    plan.data_dir.mkdir(parents=True, exist_ok=True)
+    issued = ca.issue(plan.component, [plan.component], 300.0, plan.instance_id)
+    env = write_instance_files(plan.data_dir / "tls", issued, os.getuid(), os.getgid())
+    return dataclasses.replace(plan, env={**plan.env, **env}), issued
+
+
+def renew_on_host(plan: LaunchPlan, ca: CertificateAuthority) -> IssuedCertificate:
+    """Issue a new certificate and replace the host files, as a renewal does before it reloads the instance."""
+    issued = ca.issue(plan.component, [plan.component], 300.0, plan.instance_id)
+    write_instance_files(plan.data_dir / "tls", issued, os.getuid(), os.getgid())
+    return issued
+
+
+def _request_hellos(exec_socket: Path, requests: int) -> list[Hello]:
+    """Send HELLO_REQUEST `requests` times on a new connection and return the HELLOs that arrive within 10 s."""
+    hellos: list[Hello] = []
+    parser = FrameParser()
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(exec_socket))
+        client.sendall(encode_frame(MessageType.HELLO_REQUEST) * requests)
+        deadline = time.monotonic() + 10
+        while len(hellos) <= requests and time.monotonic() < deadline:
+            client.settimeout(max(deadline - time.monotonic(), 0.01))
+            try:
+                data = client.recv(65536)
+            except TimeoutError:
+                break
+            if not data:
+                break
+            hellos += [decode_hello(frame.payload) for frame in parser.feed(data) if frame.type == MessageType.HELLO]
+    return hellos
+
+
+async def guest_output(exec_socket: str, script: str) -> bytes:
+    """Run a shell script in the guest with the component's environment and return its output."""
+    code, output = await asyncio.to_thread(run_in_guest, exec_socket, ["sh", "-c", script], 30.0)
+    assert code == 0, f"{script!r} exited with status {code}: {output!r}"
+    return output
+
+
+async def wait_for_guest_file(exec_socket: str, path: str, expected: bytes) -> None:
+    """Wait until a guest file has the expected content. The 30 s limit only bounds a hung guest."""
+    deadline = time.monotonic() + 30
+    while True:
+        code, output = await asyncio.to_thread(run_in_guest, exec_socket, ["cat", path], 30.0)
+        if code == 0 and output == expected:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} in the guest lacks the expected content after 30 s: status {code}, {output[-300:]!r}")
+        await asyncio.sleep(0.2)
 
 
 def _http_get(port: int, host: str = "127.0.0.1") -> bytes:

@@ -235,6 +235,7 @@ def write_vm_deployment(
     network: str = "host",
     allow_egress: list[str] | None = None,
     vm: dict[str, Any] | None = None,
+    tls: dict[str, Any] | None = None,
 ) -> Path:
     component: dict[str, Any] = {
         "runtime": "microvm",
@@ -256,6 +257,8 @@ def write_vm_deployment(
         "restart": {"backoff_initial": "0.5s"},
         "probes": [HTTP_PROBE, EXEC_PROBE],
     }
+    if tls is not None:
+        component["tls"] = tls
     return osvm.write_deployment({COMPONENT: component}, name="vm-e2e")
 
 
@@ -486,6 +489,46 @@ def test_guest_without_ready_is_restarted(vm_osvm: Osvm, server_binary: Path) ->
     assert instance["health"] != "healthy"
 
 
+def test_vm_component_gets_certificate(vm_osvm: Osvm, server_binary: Path) -> None:
+    vm_osvm.cli("ca", "init")
+    # The default action of SIGWINCH is to ignore it, and the server keeps that, so the signal does
+    # not stop it. The reload command runs in the guest and copies the certificate that it finds there.
+    tls = {
+        "reload_signal": "SIGWINCH",
+        "reload_command": ["sh", "-c", 'cat "$OSVM_TLS_CERT" > /data/reloaded.pem'],
+    }
+    up(vm_osvm, write_vm_deployment(vm_osvm, server_binary, free_port(), tls=tls))
+    instance = single_instance(vm_osvm.status())
+    tls_dir = vm_osvm.state_dir / "data" / instance["id"] / "tls"
+    exec_socket = vm_osvm.state_dir / "instances" / instance["id"] / "exec.sock"
+
+    first = (tls_dir / "cert.pem").read_text()
+    assert guest_file(exec_socket, "$OSVM_TLS_CERT") == first
+    assert guest_file(exec_socket, "$OSVM_TLS_KEY") == (tls_dir / "key.pem").read_text()
+    assert guest_file(exec_socket, "$OSVM_TLS_CA") == (tls_dir / "ca.pem").read_text()
+    key_mode = run_in_vm(exec_socket, 'stat -c %a "$OSVM_TLS_KEY"')
+    assert key_mode.stdout == "600\n", key_mode.stdout + key_mode.stderr
+
+    vm_osvm.cli("ca", "renew", COMPONENT)
+
+    def renewal_event() -> dict[str, Any] | None:
+        for event in vm_osvm.events(COMPONENT):
+            if event["kind"] == "certificate.renewed" and event["instance"] == instance["id"]:
+                return event
+        return None
+
+    event = wait_for(renewal_event, "a certificate.renewed event of the VM instance")
+    assert "copied the files to /run/osvm/tls in the VM" in event["reason"]
+    assert "sent SIGWINCH" in event["reason"]
+    assert "reload command exited with status 0" in event["reason"]
+    second = (tls_dir / "cert.pem").read_text()
+    assert second != first
+    assert guest_file(exec_socket, "$OSVM_TLS_CERT") == second
+    # The event comes after the reload command has finished, so its copy is already there.
+    assert guest_file(exec_socket, "/data/reloaded.pem") == second
+    assert single_instance(vm_osvm.status())["pid"] == instance["pid"]
+
+
 def run_in_vm(exec_socket: Path, script: str) -> subprocess.CompletedProcess[str]:
     """Run a shell script in the VM through the agent's exec socket, as an operator would."""
     return subprocess.run(
@@ -494,6 +537,13 @@ def run_in_vm(exec_socket: Path, script: str) -> subprocess.CompletedProcess[str
         text=True,
         timeout=120,
     )
+
+
+def guest_file(exec_socket: Path, path: str) -> str:
+    """Return a file's content in the VM. The path may name a variable of the component's environment."""
+    result = run_in_vm(exec_socket, f'cat "{path}"')
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
 
 
 class LineListener:

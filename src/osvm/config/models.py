@@ -175,7 +175,8 @@ class TlsSettings(StrictModel):
     dns_names: list[str] = []
     # Signal sent to the instance after the files are swapped, such as "SIGHUP"; none by default.
     reload_signal: str | None = None
-    # Command run on the host after the files are swapped, instead of or besides the signal.
+    # Command run after the files are swapped, instead of or besides the signal: on the host for a
+    # process instance, inside the guest (through the agent) for a microvm instance.
     reload_command: list[str] = []
 
     @field_validator("lifetime")

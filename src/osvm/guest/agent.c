@@ -11,7 +11,8 @@
  * to the host, for each host port P in osvm.host_ports= on the kernel command line. A SHUTDOWN
  * message, the ACPI power button, SIGTERM or SIGPWR stop the component with its stop signal, then SIGKILL after
  * the grace period, then power the VM off. When the component exits on its own, the agent powers the VM off too, so
- * QEMU's exit is the instance's exit.
+ * QEMU's exit is the instance's exit. WRITE_FILES puts the instance's certificate files into
+ * /run/osvm/tls, before START and after each renewal, and SIGNAL sends a signal to the component.
  *
  * The wire format is described in src/osvm/runtimes/microvm/protocol.py, which must stay in step
  * with the constants below.
@@ -48,7 +49,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PROTOCOL_VERSION 1
+#define PROTOCOL_VERSION 2
 #define FRAME_MAGIC 0x4F56 /* "OV" */
 #define HEADER_SIZE 8
 #define MAX_PAYLOAD (1u << 20)
@@ -66,6 +67,10 @@ enum message_type {
     MSG_ECHO_REPLY = 11,
     MSG_ERROR = 12,
     MSG_KEEPALIVE = 13,
+    MSG_WRITE_FILES = 14,
+    MSG_SIGNAL = 15,
+    MSG_RESULT = 16,
+    MSG_HELLO_REQUEST = 17,
 };
 
 enum component_state { STATE_WAITING = 0, STATE_RUNNING = 1, STATE_EXITED = 2, STATE_STOPPING = 3 };
@@ -89,6 +94,11 @@ enum component_state { STATE_WAITING = 0, STATE_RUNNING = 1, STATE_EXITED = 2, S
 #define FLUSH_BEFORE_POWEROFF_MS 1000
 /* How often disconnected ports are checked, in case SIGIO for a host connection is missed. */
 #define RECONNECT_CHECK_MS 1000
+/* WRITE_FILES writes only into FILES_DIR. It is on the /run tmpfs, so private keys never reach a disk. */
+#define FILES_PARENT_DIR "/run/osvm"
+#define FILES_DIR "/run/osvm/tls"
+#define MAX_FILES 8
+#define MAX_FILE_NAME 64
 
 struct buffer {
     uint8_t *data;
@@ -271,6 +281,21 @@ static char *get_string(struct reader *reader) {
     return text;
 }
 
+/* Point *data at a length-prefixed byte string in the payload, without copying, and return its
+ * length. Sets reader->bad when the payload is short. */
+static uint32_t get_bytes(struct reader *reader, const uint8_t **data) {
+    uint32_t len = get_u32(reader);
+    if (reader->bad || len > reader->left) {
+        reader->bad = 1;
+        *data = NULL;
+        return 0;
+    }
+    *data = reader->p;
+    reader->p += len;
+    reader->left -= len;
+    return len;
+}
+
 static char **get_string_list(struct reader *reader) {
     uint32_t count = get_u32(reader);
     if (reader->bad || count > reader->left / 4) {
@@ -357,6 +382,15 @@ static void send_u32(struct channel *channel, uint8_t type, uint32_t value) {
     struct buffer payload = {0};
     put_u32(&payload, value);
     send_frame(channel, type, &payload);
+    free(payload.data);
+}
+
+/* Send the RESULT of a WRITE_FILES or SIGNAL request, with error "" on success. */
+static void send_result(struct channel *channel, uint32_t id, const char *error) {
+    struct buffer payload = {0};
+    put_u32(&payload, id);
+    put_string(&payload, error);
+    send_frame(channel, MSG_RESULT, &payload);
     free(payload.data);
 }
 
@@ -931,6 +965,181 @@ static void reap_children(void) {
     }
 }
 
+/* --- files and signals from the host ------------------------------------------------------ */
+
+struct file_entry {
+    char name[MAX_FILE_NAME + 1];
+    /* ".<name>.tmp" in FILES_DIR, renamed to name once every file of the message is written. */
+    char temp[MAX_FILE_NAME + 8];
+    uint32_t mode;
+    const uint8_t *data;
+    uint32_t len;
+};
+
+static int is_file_name_char(char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
+           c == '-';
+}
+
+/* Copy the file name of path into name when path is FILES_DIR/<name> and name is allowed: 1 to
+ * MAX_FILE_NAME letters, digits, '.', '_' or '-', not starting with '.'. Returns 0 otherwise. */
+static int parse_file_path(const uint8_t *path, uint32_t len, char *name) {
+    size_t prefix = strlen(FILES_DIR);
+    if (len <= prefix + 1 || len - prefix - 1 > MAX_FILE_NAME)
+        return 0;
+    if (memcmp(path, FILES_DIR, prefix) != 0 || path[prefix] != '/' || path[prefix + 1] == '.')
+        return 0;
+    size_t name_len = len - prefix - 1;
+    for (size_t i = 0; i < name_len; i++)
+        if (!is_file_name_char((char)path[prefix + 1 + i]))
+            return 0;
+    memcpy(name, path + prefix + 1, name_len);
+    name[name_len] = '\0';
+    return 1;
+}
+
+static int write_all(int fd, const uint8_t *data, size_t len) {
+    while (len > 0) {
+        ssize_t n = write(fd, data, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            if (n == 0)
+                errno = EIO;
+            return -1;
+        }
+        data += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* Open FILES_DIR, creating it (mode 0700) and its parent when missing. Returns -1 with errno set on failure. */
+static int open_files_dir(void) {
+    if (mkdir(FILES_PARENT_DIR, 0755) != 0 && errno != EEXIST)
+        return -1;
+    if (mkdir(FILES_DIR, 0700) != 0 && errno != EEXIST)
+        return -1;
+    return open(FILES_DIR, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+}
+
+/* Write a file's content under its temporary name with its mode. Returns -1 with errno set on failure. */
+static int write_temp_file(int dir_fd, const struct file_entry *file) {
+    unlinkat(dir_fd, file->temp, 0);
+    /* Created as 0600 and changed after, so a key is never readable by others, whatever the umask. */
+    int fd = openat(dir_fd, file->temp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return -1;
+    if (fchmod(fd, (mode_t)file->mode) != 0 || write_all(fd, file->data, file->len) != 0) {
+        int error = errno;
+        close(fd);
+        unlinkat(dir_fd, file->temp, 0);
+        errno = error;
+        return -1;
+    }
+    return close(fd);
+}
+
+/* Write the files to their temporary names, then rename each over its name. Returns "" or the error. */
+static const char *replace_files(struct file_entry *files, uint32_t count, char *error, size_t size) {
+    error[0] = '\0';
+    int dir_fd = open_files_dir();
+    if (dir_fd < 0) {
+        snprintf(error, size, "cannot open %s: %s", FILES_DIR, strerror(errno));
+        return error;
+    }
+    uint32_t written = 0;
+    while (written < count && write_temp_file(dir_fd, &files[written]) == 0)
+        written++;
+    if (written < count)
+        snprintf(error, size, "cannot write %s/%s: %s", FILES_DIR, files[written].name, strerror(errno));
+    for (uint32_t i = 0; i < written && !error[0]; i++)
+        if (renameat(dir_fd, files[i].temp, dir_fd, files[i].name) != 0)
+            snprintf(error, size, "cannot rename %s/%s to %s: %s", FILES_DIR, files[i].temp, files[i].name,
+                     strerror(errno));
+    /* After a failure, no temporary file stays behind. Files renamed before it keep their new content. */
+    for (uint32_t i = 0; i < written; i++)
+        unlinkat(dir_fd, files[i].temp, 0);
+    close(dir_fd);
+    return error;
+}
+
+static void handle_write_files(struct channel *channel, struct reader *reader) {
+    uint32_t id = get_u32(reader);
+    uint32_t count = get_u32(reader);
+    if (reader->bad) {
+        send_text(channel, MSG_ERROR, "invalid WRITE_FILES message");
+        return;
+    }
+    if (count == 0 || count > MAX_FILES) {
+        send_result(channel, id, "invalid WRITE_FILES message: it must carry 1 to 8 files");
+        return;
+    }
+    struct file_entry files[MAX_FILES];
+    char error[512];
+    for (uint32_t i = 0; i < count; i++) {
+        const uint8_t *path;
+        uint32_t path_len = get_bytes(reader, &path);
+        files[i].mode = get_u32(reader);
+        files[i].len = get_bytes(reader, &files[i].data);
+        if (reader->bad) {
+            send_result(channel, id, "invalid WRITE_FILES message: the payload is too short");
+            return;
+        }
+        if (!parse_file_path(path, path_len, files[i].name)) {
+            snprintf(error, sizeof error, "path %.*s is not allowed: write to %s/<name>, where name is letters, "
+                     "digits, '.', '_' or '-' and does not start with '.'", (int)(path_len < 200 ? path_len : 200),
+                     (const char *)path, FILES_DIR);
+            send_result(channel, id, error);
+            return;
+        }
+        if (files[i].mode & ~0777u) {
+            snprintf(error, sizeof error, "mode %#o of %.*s is invalid: give permission bits only", files[i].mode,
+                     MAX_FILE_NAME, files[i].name);
+            send_result(channel, id, error);
+            return;
+        }
+        for (uint32_t j = 0; j < i; j++) {
+            if (strcmp(files[j].name, files[i].name) == 0) {
+                snprintf(error, sizeof error, "file %.*s is listed twice", MAX_FILE_NAME, files[i].name);
+                send_result(channel, id, error);
+                return;
+            }
+        }
+        snprintf(files[i].temp, sizeof files[i].temp, ".%.*s.tmp", MAX_FILE_NAME, files[i].name);
+    }
+    if (replace_files(files, count, error, sizeof error)[0]) {
+        announce("%s", error);
+        send_result(channel, id, error);
+        return;
+    }
+    say("wrote %u files to %s", count, FILES_DIR);
+    send_result(channel, id, "");
+}
+
+static void handle_signal(struct channel *channel, struct reader *reader) {
+    uint32_t id = get_u32(reader);
+    uint32_t number = get_u32(reader);
+    char error[256] = "";
+    if (reader->bad) {
+        send_text(channel, MSG_ERROR, "invalid SIGNAL message");
+        return;
+    }
+    if (number == 0 || number >= 65)
+        snprintf(error, sizeof error, "invalid signal number %u", number);
+    else if (state == STATE_WAITING || (state == STATE_RUNNING && component_exec_check >= 0))
+        snprintf(error, sizeof error, "the component has not started yet");
+    else if (state == STATE_STOPPING)
+        snprintf(error, sizeof error, "the component is stopping");
+    else if (state == STATE_EXITED)
+        snprintf(error, sizeof error, "the component has exited");
+    else if (kill(component_pid, (int)number) != 0)
+        snprintf(error, sizeof error, "cannot send signal %u to pid %d: %s", number, component_pid, strerror(errno));
+    else
+        say("sent signal %u to the component, pid %d", number, component_pid);
+    send_result(channel, id, error);
+}
+
 /* --- messages ----------------------------------------------------------------------------- */
 
 static char **start_argv;
@@ -995,6 +1204,15 @@ static void handle_frame(struct channel *channel, uint8_t type, const uint8_t *p
     }
     case MSG_SHUTDOWN:
         request_shutdown("shutdown requested by the host");
+        break;
+    case MSG_WRITE_FILES:
+        handle_write_files(channel, &reader);
+        break;
+    case MSG_SIGNAL:
+        handle_signal(channel, &reader);
+        break;
+    case MSG_HELLO_REQUEST:
+        send_hello(channel);
         break;
     case MSG_ECHO: {
         if (len > MAX_ECHO_BYTES) {
@@ -1743,7 +1961,9 @@ static void vsock_service(struct vsock_stream *stream, short revents, int64_t no
  * from the data, so bytes from the next client can be read before the previous client's
  * disconnection is seen. Hence nothing read or queued is dropped on a disconnection: requests get
  * their replies in order, replies carry the request id, and clients skip frames that are not theirs.
- * Exec requests also run to completion (or their timeout) when their client goes away.
+ * Exec requests also run to completion (or their timeout) when their client goes away. A
+ * disconnection that a new connection follows at once can go unseen, and then no HELLO is sent, so
+ * the host requests one with HELLO_REQUEST.
  */
 static void on_connected(struct channel *channel) {
     channel->connected = 1;

@@ -32,6 +32,10 @@ class LaunchPlan:
         return f"/run/netns/{self.netns_name}" if self.netns_name else None
 
 
+class DeliveryError(Exception):
+    """A signal or files could not be delivered to a running instance. The message gives the reason."""
+
+
 @dataclass
 class ExitStatus:
     """The end of an instance's main process: exit code and reason."""

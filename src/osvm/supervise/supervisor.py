@@ -2,6 +2,7 @@
 
 import asyncio
 import enum
+import inspect
 import logging
 import time
 from typing import Callable
@@ -9,12 +10,15 @@ from typing import Callable
 from osvm.config.models import VmSettings
 from osvm.probes import HealthMonitor, ProbeTarget
 from osvm.runtimes import procinfo
-from osvm.runtimes.base import ExitStatus, LaunchPlan, ProcessHandle, Runtime
+from osvm.runtimes.base import DeliveryError, ExitStatus, LaunchPlan, ProcessHandle, Runtime
 from osvm.store import InstanceRecord, Store
 from osvm.store.events import EventBus
 from osvm.supervise.restart import RestartTracker
 
 logger = logging.getLogger("osvm.supervise")
+
+# How long tls.reload_command may run before it is killed, in seconds.
+RELOAD_COMMAND_TIMEOUT = 30.0
 
 
 class InstanceState(str, enum.Enum):
@@ -97,26 +101,66 @@ class InstanceSupervisor:
         await self.runtime.stop(self.handle, self.plan)
 
     async def reload_certificate(self) -> str:
-        """Tell the instance that its certificate files were replaced; return what was done."""
+        """Tell the instance that its certificate files were replaced, and return what was done.
+
+        A runtime with update_certificate (microvm) first copies the files into the instance. When
+        that fails, the instance still has its old files, so no reload signal or command follows.
+        """
         settings = self.plan.spec.tls
+        handle = self.handle
         done = []
-        if settings is not None and settings.reload_signal and self.handle is not None:
+        update = getattr(self.runtime, "update_certificate", None)
+        if update is not None and handle is not None:
+            try:
+                done.append(await update(handle, self.plan))
+            except DeliveryError as error:
+                # NOTE: the instance keeps its old certificate until its next start, adoption or
+                # renewal, and that certificate expires a third of a lifetime after this renewal.
+                self.log.error("the renewed certificate did not reach instance %s: %s", self.record.id, error)
+                return f"the renewed files did not reach the instance, so it was not reloaded: {error}"
+        if settings is not None and settings.reload_signal and handle is not None:
             send = getattr(self.runtime, "send_signal", None)
             if send is not None:
-                send(self.handle, self.plan, settings.reload_signal)
-                done.append(f"sent {settings.reload_signal}")
+                try:
+                    sent = send(handle, self.plan, settings.reload_signal)
+                    if inspect.isawaitable(sent):
+                        await sent
+                    done.append(f"sent {settings.reload_signal}")
+                except DeliveryError as error:
+                    self.log.error("cannot send %s to instance %s: %s", settings.reload_signal, self.record.id, error)
+                    done.append(f"sending {settings.reload_signal} failed: {error}")
         if settings is not None and settings.reload_command:
-            env = dict(self.plan.env)
-            try:
-                process = await asyncio.create_subprocess_exec(
-                    *settings.reload_command, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-                )
-                code = await asyncio.wait_for(process.wait(), 30)
-                done.append(f"reload command exited with status {code}")
-            except (OSError, TimeoutError) as error:
-                self.log.error("reload command of instance %s failed: %s", self.record.id, error)
-                done.append(f"reload command failed: {error}")
+            done.append(await self._run_reload_command(settings.reload_command, handle))
         return ", ".join(done) or "no reload signal or command is configured"
+
+    async def _run_reload_command(self, command: list[str], handle: ProcessHandle | None) -> str:
+        """Run tls.reload_command and return its outcome.
+
+        It runs on the host, or inside the instance through exec_prefix when the runtime sets
+        commands_run_in_instance (microvm), where it gets the component's environment.
+        """
+        argv = list(command)
+        if getattr(self.runtime, "commands_run_in_instance", False):
+            if handle is None:
+                return "reload command not run: the instance is not running"
+            argv = [*self.runtime.exec_prefix(handle, self.plan), *argv]
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv, env=dict(self.plan.env), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+            )
+        except OSError as error:
+            self.log.error("reload command of instance %s failed: %s", self.record.id, error)
+            return f"reload command failed: {error}"
+        try:
+            code = await asyncio.wait_for(process.wait(), RELOAD_COMMAND_TIMEOUT)
+        except TimeoutError:
+            self.log.error("reload command of instance %s timed out after %.0f s: killed it", self.record.id, RELOAD_COMMAND_TIMEOUT)
+            return f"reload command timed out after {RELOAD_COMMAND_TIMEOUT:.0f} s and was killed"
+        finally:
+            # Also when the renewal task is cancelled, so no reload command outlives its instance.
+            if process.returncode is None:
+                process.kill()
+        return f"reload command exited with status {code}"
 
     def detach(self) -> None:
         """Cancel supervision but leave the process running, for a daemon that is shutting down."""

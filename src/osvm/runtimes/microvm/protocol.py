@@ -25,11 +25,26 @@ count and that many strings. Payloads by type:
     EXITED       guest -> host  i32 exit code of the component; the VM powers off next
     ECHO         host -> guest  up to 16 KiB of any bytes, returned unchanged in ECHO_REPLY
     ERROR        guest -> host  str reason for rejecting a frame
+    WRITE_FILES  host -> guest  u32 request id, u32 count (1 to 8), then per file: str path, u32 mode
+                                (permission bits only), bytes content. The agent accepts only paths
+                                GUEST_TLS_DIR/<name>, where name is made of letters, digits, '.', '_'
+                                and '-' and does not start with '.'. It creates the directory
+                                with mode 0700 when missing, writes every file to a temporary
+                                file, then renames them in the order given, so a reader sees each
+                                file whole. The agent replies with RESULT
+    SIGNAL       host -> guest  u32 request id, u32 signal number: send it to the component.
+                                The agent replies with RESULT
+    RESULT       guest -> host  u32 request id, str error: empty when the request succeeded
+    HELLO_REQUEST host -> guest empty: the agent replies with HELLO. The daemon sends it after it
+                                connects, because the agent can miss a disconnection that a new
+                                connection follows at once, and then sends no HELLO of its own
 
-The agent sends HELLO each time a host connects to a port. Frames that it queued while no host
-was connected are sent first, so a client skips frames it does not expect (an EXEC_RESULT with
-another request id, for one). Every frame is smaller than 32 KiB, so a client never receives
-part of a frame: one write() on a virtio-serial port sends up to 32 KiB as one buffer.
+HELLO carries PROTOCOL_VERSION. Version 2 added WRITE_FILES, SIGNAL, RESULT and HELLO_REQUEST,
+which an agent of version 1 rejects with ERROR. The agent sends HELLO each time it detects a host
+connection to a port. Frames that it queued while no host was connected are sent first, so a client
+skips frames it does not expect (an EXEC_RESULT or RESULT with another request id, for one). Every frame that the agent
+sends is smaller than 32 KiB, so a client never receives part of a frame: one write() on a
+virtio-serial port sends up to 32 KiB as one buffer.
 """
 
 import asyncio
@@ -40,7 +55,11 @@ from dataclasses import dataclass
 MAGIC = 0x4F56
 HEADER = struct.Struct(">HBBI")
 MAX_PAYLOAD = 1 << 20
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+# The directory that WRITE_FILES writes to, on the guest's /run tmpfs. The agent rejects other paths.
+GUEST_TLS_DIR = "/run/osvm/tls"
+# The maximum number of files in one WRITE_FILES message.
+MAX_FILES = 8
 
 
 class MessageType(enum.IntEnum):
@@ -56,6 +75,10 @@ class MessageType(enum.IntEnum):
     ECHO_REPLY = 11
     ERROR = 12
     KEEPALIVE = 13
+    WRITE_FILES = 14
+    SIGNAL = 15
+    RESULT = 16
+    HELLO_REQUEST = 17
 
 
 class AgentState(enum.IntEnum):
@@ -88,6 +111,23 @@ class ExecResult:
     request_id: int
     code: int
     output: bytes
+
+
+@dataclass(frozen=True)
+class GuestFile:
+    """A file for WRITE_FILES: its absolute guest path, permission bits and content."""
+
+    path: str
+    mode: int
+    content: bytes
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """The agent's RESULT: the request id and an error message, empty on success."""
+
+    request_id: int
+    error: str
 
 
 def encode_frame(message_type: MessageType, payload: bytes = b"") -> bytes:
@@ -135,6 +175,17 @@ def encode_keepalive(request_id: int) -> bytes:
     return encode_frame(MessageType.KEEPALIVE, pack_u32(request_id))
 
 
+def encode_write_files(request_id: int, files: list[GuestFile]) -> bytes:
+    payload = pack_u32(request_id) + pack_u32(len(files))
+    for file in files:
+        payload += pack_string(file.path) + pack_u32(file.mode) + pack_bytes(file.content)
+    return encode_frame(MessageType.WRITE_FILES, payload)
+
+
+def encode_signal(request_id: int, number: int) -> bytes:
+    return encode_frame(MessageType.SIGNAL, pack_u32(request_id) + pack_u32(number))
+
+
 class PayloadReader:
     """Reads the fields of one payload in order; raises ProtocolError when it is too short."""
 
@@ -177,6 +228,11 @@ def decode_hello(payload: bytes) -> Hello:
 def decode_exec_result(payload: bytes) -> ExecResult:
     reader = PayloadReader(payload)
     return ExecResult(reader.u32(), reader.i32(), reader.bytes())
+
+
+def decode_result(payload: bytes) -> RequestResult:
+    reader = PayloadReader(payload)
+    return RequestResult(reader.u32(), reader.string())
 
 
 class FrameParser:

@@ -7,7 +7,9 @@ Exit is seen through a pidfd on QEMU. stop() presses the ACPI power button over 
 QEMU over QMP, then sends SIGKILL. As root, QEMU runs as the unprivileged user osvm (-runas) in a
 cgroup whose memory limit is the VM's memory plus QEMU's overhead. From start (or adoption) until
 wait or cleanup, a VsockBridge serves Firecracker's hybrid vsock contract on
-<instance_dir>/vsock.sock over the agent's "osvm.vsock" port.
+<instance_dir>/vsock.sock over the agent's "osvm.vsock" port. The instance's certificate files
+(OSVM_TLS_*) are copied into the guest's GUEST_TLS_DIR before the component starts, and again by
+update_certificate() after each renewal.
 """
 
 import asyncio
@@ -25,10 +27,10 @@ from pathlib import Path
 from osvm.config.models import Component, VmSettings
 from osvm.images import BuiltImage, build_image
 from osvm.runtimes import procinfo
-from osvm.runtimes.base import ExitStatus, LaunchPlan, ProcessHandle
+from osvm.runtimes.base import DeliveryError, ExitStatus, LaunchPlan, ProcessHandle
 from osvm.runtimes.cgroups import Cgroup, CgroupError, CgroupLimits, detect_layout
 from osvm.runtimes.microvm.agent import AgentSession
-from osvm.runtimes.microvm.protocol import encode_start
+from osvm.runtimes.microvm.protocol import GUEST_TLS_DIR, GuestFile, encode_start
 from osvm.runtimes.microvm.qemu import (
     GUEST_ADDRESS,
     QEMU_BINARY,
@@ -69,6 +71,9 @@ KILL_TIMEOUT = 10.0
 # The guest's PATH, home and data directory; host values of these would mean nothing in the guest.
 GUEST_PATH = "/app:/app/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GUEST_DATA_DIR = "/data"
+# The certificate variables, each file's name in GUEST_TLS_DIR and its mode there. The agent
+# replaces the files in this order, which is the order write_instance_files uses on the host.
+TLS_FILES = (("OSVM_TLS_CA", "ca.pem", 0o644), ("OSVM_TLS_KEY", "key.pem", 0o600), ("OSVM_TLS_CERT", "cert.pem", 0o644))
 
 _EXIT_LINE = re.compile(rb"osvm-agent: component exited with status (\d+)")
 _PANIC_LINE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
@@ -111,6 +116,9 @@ class MicroVmRuntime:
 
     name = "microvm"
     isolated = True
+    # tls.reload_command runs in the guest through exec_prefix, with the component's guest
+    # environment, because the component's programs are in the image and not on the host.
+    commands_run_in_instance = True
 
     def __init__(self, state_dir: Path, image_cache: Path | None = None, qemu_binary: str | None = None):
         self.state_dir = Path(state_dir)
@@ -188,6 +196,10 @@ class MicroVmRuntime:
         """
         instance = self._instance(plan)
         config = self._qemu_config(plan, instance)
+        try:
+            tls_files = await asyncio.to_thread(read_tls_files, plan.env)
+        except OSError as error:
+            raise MicroVmError(_certificate_read_error(plan, error)) from None
         for path in (config.agent_socket, config.exec_socket, config.qmp_socket, config.pid_file):
             path.unlink(missing_ok=True)
         await self._close_vsock_bridge(plan.instance_id)
@@ -214,7 +226,7 @@ class MicroVmRuntime:
         handle.extra["popen"] = process
         handle.extra["accelerator"] = instance.accelerator
         handle.extra["jailed"] = self.privileged
-        self._attach(handle, plan, config)
+        self._attach(handle, plan, config, tls_files)
         logger.info(
             "started instance %s of %s: %s pid %d, accelerator %s (%s)",
             plan.instance_id, plan.component, "bwrap for QEMU" if self.privileged else "QEMU", process.pid,
@@ -332,12 +344,17 @@ class MicroVmRuntime:
         except QmpFailure as error:
             logger.warning("not adopting pid %d of instance %s: %s", pid, plan.instance_id, error)
             return None
+        try:
+            tls_files = read_tls_files(plan.env)
+        except OSError as error:
+            logger.warning("%s, so the guest keeps the files it has", _certificate_read_error(plan, error))
+            tls_files = None
         self._instances[plan.instance_id] = instance
         handle = ProcessHandle(pid=pid, start_time=start_time, adopted=True)
         handle.extra["accelerator"] = instance.accelerator
         handle.extra["jailed"] = os.path.basename(_cmdline(pid).split(" ", 1)[0]) == "bwrap"
         handle.extra["oom_kills_at_start"] = self._oom_kills(plan.instance_id)
-        self._attach(handle, plan, self._qemu_config(plan, instance))
+        self._attach(handle, plan, self._qemu_config(plan, instance), tls_files)
         if handle.extra["exited"].done():
             return None
         logger.info(
@@ -352,6 +369,34 @@ class MicroVmRuntime:
             sys.executable, "-m", "osvm.runtimes.microvm.guest_exec",
             "--socket", str(plan.instance_dir / "exec.sock"), "--",
         )
+
+    async def update_certificate(self, handle: ProcessHandle, plan: LaunchPlan) -> str:
+        """Copy the instance's renewed certificate files into the guest and return what was done.
+
+        The agent replaces the files in GUEST_TLS_DIR. When it has not connected yet, the session
+        sends the new files before START instead. Raises DeliveryError when a host file cannot be
+        read or the agent does not write the files.
+        """
+        session = self._session(handle, plan)
+        try:
+            files = await asyncio.to_thread(read_tls_files, plan.env)
+        except OSError as error:
+            raise DeliveryError(_certificate_read_error(plan, error)) from None
+        if files is None:
+            return "no certificate files to copy into the VM"
+        session.tls_files = files
+        if session.agent_version is None:
+            return f"the VM gets the files in {GUEST_TLS_DIR} when its agent connects"
+        await session.write_files(files)
+        return f"copied the files to {GUEST_TLS_DIR} in the VM"
+
+    async def send_signal(self, handle: ProcessHandle, plan: LaunchPlan, name: str) -> None:
+        """Send a signal by name to the component in the guest, such as SIGHUP after a certificate renewal.
+
+        The agent sends it to the component's process, not to its process group. Raises
+        DeliveryError when the agent is not connected or no component runs.
+        """
+        await self._session(handle, plan).send_signal(int(signal.Signals[name]))
 
     async def cleanup(self, plan: LaunchPlan) -> None:
         """Kill a QEMU left running, close the vsock bridge, then remove the overlay, sockets, cgroup and network namespace."""
@@ -449,16 +494,23 @@ class MicroVmRuntime:
             host_ports=list(vm.host_ports),
         )
 
-    def _attach(self, handle: ProcessHandle, plan: LaunchPlan, config: QemuConfig) -> None:
+    def _attach(self, handle: ProcessHandle, plan: LaunchPlan, config: QemuConfig, tls_files: list[GuestFile] | None) -> None:
         exited = watch_exit(handle.pid)
         handle.extra["exited"] = exited
-        session = AgentSession(config.agent_socket, _start_frame(plan), plan.instance_id)
+        session = AgentSession(config.agent_socket, _start_frame(plan), plan.instance_id, tls_files)
         session.start(exited)
         handle.extra["agent"] = session
         bridge = VsockBridge(config.vsock_port_socket, config.vsock_socket, plan.instance_id, config.host_ports)
         bridge.start(exited)
         handle.extra["vsock"] = bridge
         self._vsock_bridges[plan.instance_id] = bridge
+
+    @staticmethod
+    def _session(handle: ProcessHandle, plan: LaunchPlan) -> AgentSession:
+        session = handle.extra.get("agent")
+        if not isinstance(session, AgentSession):
+            raise DeliveryError(f"instance {plan.instance_id} has no agent session: it was not started or adopted")
+        return session
 
     async def _close_vsock_bridge(self, instance_id: str) -> None:
         bridge = self._vsock_bridges.pop(instance_id, None)
@@ -648,7 +700,29 @@ def guest_env(env: dict[str, str]) -> dict[str, str]:
     result["HOME"] = GUEST_DATA_DIR
     result["OSVM_DATA_DIR"] = GUEST_DATA_DIR
     result["OSVM_ADDRESS"] = GUEST_ADDRESS
+    for variable, name, _mode in TLS_FILES:
+        if variable in result:
+            result[variable] = f"{GUEST_TLS_DIR}/{name}"
     return result
+
+
+def read_tls_files(env: dict[str, str]) -> list[GuestFile] | None:
+    """Read the host files that the OSVM_TLS_* variables of env name, as files for GUEST_TLS_DIR.
+
+    Returns None when env has none of the variables, as when the daemon has no certificate manager.
+    Raises OSError when a file cannot be read.
+    """
+    if not any(variable in env for variable, _name, _mode in TLS_FILES):
+        return None
+    return [
+        GuestFile(f"{GUEST_TLS_DIR}/{name}", mode, Path(env[variable]).read_bytes())
+        for variable, name, mode in TLS_FILES
+        if variable in env
+    ]
+
+
+def _certificate_read_error(plan: LaunchPlan, error: OSError) -> str:
+    return f"cannot read the certificate file {error.filename} of instance {plan.instance_id}: {error.strerror or error}"
 
 
 def _start_frame(plan: LaunchPlan) -> bytes:
