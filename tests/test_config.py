@@ -10,6 +10,7 @@ from osvm.config import load
 from osvm.config.load import ConfigError, _issue_from_error, load_deployment, parse_deployment
 from osvm.config.models import (
     MIN_VM_MEMORY,
+    STORED_REVISION,
     Component,
     Deployment,
     ExecProbe,
@@ -715,3 +716,22 @@ def test_invalid_durations_rejected(value: object) -> None:
 def test_invalid_sizes_rejected(value: object) -> None:
     with pytest.raises(ValueError, match="invalid size"):
         parse_size(value)
+
+
+def test_stored_revision_skips_newer_rules() -> None:
+    # A revision stored before the vm.memory minimum and the packages rule existed stays readable.
+    stored = {
+        "runtime": "microvm",
+        "command": ["/app/server"],
+        "vm": {"memory": 64 * 1024 * 1024},
+        "image": {"kind": "binary", "path": "/srv/server", "packages": ["curl"]},
+    }
+    with pytest.raises(ValidationError):
+        Component.model_validate(stored)
+
+    spec = Component.model_validate(stored, context={STORED_REVISION: True})
+
+    assert spec.vm is not None
+    assert spec.vm.memory == 64 * 1024 * 1024
+    assert spec.image is not None
+    assert spec.image.packages == ["curl"]

@@ -10,7 +10,7 @@ import re
 import signal
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from osvm.config.units import ByteSize, Duration
 
@@ -43,6 +43,15 @@ MAX_HOST_PORTS = 32
 # more: 1 of 4 boots reached READY at 104 MiB, and 7 of 7 at 112 MiB. 128 MiB leaves a margin over
 # that for the component, more vCPUs and larger images.
 MIN_VM_MEMORY = 128 * 1024 * 1024
+
+# Validation context key set when the daemon loads a revision it stored earlier. A rule added to
+# the model after a revision was stored skips such revisions, so an upgrade never makes a stored
+# revision unreadable; new files still get the rule.
+STORED_REVISION = "stored_revision"
+
+
+def _is_stored_revision(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get(STORED_REVISION))
 
 
 FieldPath = tuple[str | int, ...]
@@ -286,13 +295,13 @@ class ImageSpec(StrictModel):
     format: Literal["initramfs", "ext4"] = "initramfs"
 
     @model_validator(mode="after")
-    def _check_source(self) -> "ImageSpec":
+    def _check_source(self, info: ValidationInfo) -> "ImageSpec":
         problems: list[tuple[FieldPath, str]] = []
         if self.kind in ("directory", "binary") and not self.path:
             problems.append((("path",), f"image kind {self.kind!r} needs path: set it to the host {self.kind} to copy"))
         if self.kind == "debian" and self.path:
             problems.append((("path",), "image kind \"debian\" takes packages, not path: remove path"))
-        if self.kind in ("directory", "binary") and self.packages:
+        if self.kind in ("directory", "binary") and self.packages and not _is_stored_revision(info):
             problems.append((
                 ("packages",),
                 f"image kind {self.kind!r} copies path and installs no packages: remove packages, or set "
@@ -323,8 +332,8 @@ class VmSettings(StrictModel):
 
     @field_validator("memory")
     @classmethod
-    def _check_memory(cls, memory: int) -> int:
-        if memory < MIN_VM_MEMORY:
+    def _check_memory(cls, memory: int, info: ValidationInfo) -> int:
+        if memory < MIN_VM_MEMORY and not _is_stored_revision(info):
             raise ValueError(
                 f"{memory / (1 << 20):g} MiB is below the {MIN_VM_MEMORY >> 20} MiB a guest needs to boot: "
                 f"set memory to \"{MIN_VM_MEMORY >> 20}MiB\" or more (the default is \"256MiB\")"

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from osvm.config.load import ConfigError, issues_from_validation_error
-from osvm.config.models import Component
+from osvm.config.models import STORED_REVISION, Component
 from osvm.deploy.rollout import Fleet, Rollout, RolloutState
 from osvm.store import RolloutRecord, Store
 from osvm.store.events import EventBus
@@ -81,7 +81,7 @@ class DeployManager:
             previous = current.revision - 1
         if previous < 1:
             raise DeployError(f"{component} has no revision before {current.revision} to roll back to", 409)
-        spec = Component.model_validate(self.store.revision_spec(component, previous))
+        spec = Component.model_validate(self.store.revision_spec(component, previous), context={STORED_REVISION: True})
         return self.start(component, current.revision, previous, spec, "osvm rollback")
 
     def start(self, component: str, from_revision: int, to_revision: int, spec: Component, trigger: str) -> RolloutRecord:

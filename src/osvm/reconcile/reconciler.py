@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from osvm import paths
-from osvm.config.models import Component, Deployment, Policy
+from osvm.config.models import STORED_REVISION, Component, Deployment, Policy
 from osvm.endpoints import Backend, Endpoint, EndpointError
 from osvm.endpoints.tls import EndpointTls
 from osvm.reconcile import allocations
@@ -221,7 +221,7 @@ class Reconciler:
         key = (name, revision)
         spec = self._specs.get(key)
         if spec is None:
-            spec = Component.model_validate(self.store.revision_spec(name, revision))
+            spec = Component.model_validate(self.store.revision_spec(name, revision), context={STORED_REVISION: True})
             self._specs[key] = spec
         return spec
 
