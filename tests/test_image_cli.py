@@ -18,8 +18,12 @@ from typing import Any
 import pytest
 
 from e2e import OSVM, Osvm, deployment_toml
+from osvm.config.models import Component
+from osvm.deploy.manager import DeployError, DeployManager
 from osvm.images import BuiltImage, list_images
 from osvm.images.kernel import KernelError, fetch_kernel
+from osvm.store import Store
+from osvm.store.events import EventBus
 from test_images import compile_program, record_vm_instance
 from test_microvm_support import IMAGE_CACHE, compile_server, require_image_tools, require_qemu
 
@@ -336,3 +340,22 @@ def test_rm_rejects_image_of_running_vm(osvm_stopped: Osvm) -> None:
     removed = osvm_stopped.cli("image", "rm", image["digest"][:12])
     assert removed.stdout.strip() == f"removed image {image['digest'][:12]}"
     assert osvm_stopped.cli_json("image", "ls")["images"] == []
+
+
+
+def test_deploy_set_rejects_bad_image_path(tmp_path: Path) -> None:
+    # A --set that points image.path at a file the guest cannot run stores no revision.
+    binary = compile_program(tmp_path, "server", "-static")
+    store = Store(tmp_path / "state.db")
+    spec = Component.model_validate(vm_component({"kind": "binary", "path": str(binary)}))
+    revision = store.add_revision("web", spec.model_dump(mode="json"), spec.spec_hash())
+    store.upsert_component("web", "images", None, "running", revision)
+    manager = DeployManager(store, EventBus(store), fleet=None)  # type: ignore[arg-type]
+
+    for value, fragment in [("/usr/bin/python3", "is dynamically linked"), ("relative/server", "is relative")]:
+        with pytest.raises(DeployError) as raised:
+            manager.deploy("web", None, [f"image.path={value}"], "osvm deploy")
+        assert str(raised.value).startswith(f"components.web.image.path: {value}")
+        assert fragment in str(raised.value)
+        assert raised.value.status == 422
+    assert store.latest_revision("web")[0] == revision

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -191,13 +192,13 @@ async def test_vm_serves_http_and_exec(vms: VmTracker, server_binary: Path) -> N
     assert body["result"] == "pong"
 
     prefix = vms.runtime.exec_prefix(handle, plan)
-    success = subprocess.run([*prefix, "sh", "-c", "echo checked; test -x /app/server"], capture_output=True, text=True, timeout=60)
+    success = await asyncio.to_thread(subprocess.run, [*prefix, "sh", "-c", "echo checked; test -x /app/server"], capture_output=True, text=True, timeout=60)
     assert success.returncode == 0, success.stderr
     assert success.stdout.strip() == "checked"
-    failure = subprocess.run([*prefix, "sh", "-c", "echo first; echo behind; exit 3"], capture_output=True, text=True, timeout=60)
+    failure = await asyncio.to_thread(subprocess.run, [*prefix, "sh", "-c", "echo first; echo behind; exit 3"], capture_output=True, text=True, timeout=60)
     assert failure.returncode == 3
     assert failure.stdout.splitlines()[-1] == "behind"
-    missing = subprocess.run([*prefix, "no-such-program"], capture_output=True, text=True, timeout=60)
+    missing = await asyncio.to_thread(subprocess.run, [*prefix, "no-such-program"], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 127
     assert "no-such-program" in missing.stdout
 
@@ -357,8 +358,9 @@ async def test_missing_program_reports_failure(vms: VmTracker, server_binary: Pa
 async def test_adopt_after_daemon_restart(vms: VmTracker, server_binary: Path) -> None:
     plan = make_plan(vms.state_dir, "web-1-ffffff", server_binary)
     handle = await vms.boot_ready(plan)
-    first_session = handle.extra["agent"]
-    await first_session.close()
+    # The daemon's connections end with its process: the agent session and the exec multiplexer.
+    await handle.extra["agent"].close()
+    await handle.extra["exec_mux"].close()
 
     restarted = MicroVmRuntime(vms.state_dir, image_cache=IMAGE_CACHE)
     adopted = restarted.adopt(plan, handle.pid, handle.start_time)
@@ -392,6 +394,46 @@ async def test_ext4_root_with_overlay(vms: VmTracker, server_binary: Path) -> No
     await vms.runtime.wait(handle, plan)
     await vms.runtime.cleanup(plan)
     assert not overlay.exists()
+
+
+async def test_exec_clients_run_side_by_side(vms: VmTracker, server_binary: Path) -> None:
+    # QEMU serves the exec port to one client at a time; the runtime's multiplexer lets a long
+    # command and several short ones share it, as an operator's command and probes do.
+    plan = make_plan(vms.state_dir, "web-1-xxxxxx", server_binary)
+    handle = await vms.boot_ready(plan)
+    exec_socket = str(plan.instance_dir / "exec.sock")
+    finished: list[str] = []
+
+    async def run(name: str, script: str) -> tuple[int, bytes]:
+        result = await asyncio.to_thread(run_in_guest, exec_socket, ["sh", "-c", script], 60.0)
+        finished.append(name)
+        return result
+
+    long_run = asyncio.create_task(run("long", "sleep 8; echo long"))
+    await asyncio.sleep(0.5)
+    short = await asyncio.gather(*(run(f"short-{index}", f"echo short {index}") for index in range(4)))
+
+    assert [result for result in short] == [(0, b"short %d\n" % index) for index in range(4)]
+    assert "long" not in finished
+    assert await long_run == (0, b"long\n")
+    await vms.runtime.stop(handle, plan)
+    await vms.runtime.wait(handle, plan)
+
+
+async def test_guest_exec_reports_timeout(vms: VmTracker, server_binary: Path) -> None:
+    plan = make_plan(vms.state_dir, "web-1-yyyyyy", server_binary)
+    handle = await vms.boot_ready(plan)
+    command = [
+        sys.executable, "-m", "osvm.runtimes.microvm.guest_exec", "--socket", str(plan.instance_dir / "exec.sock"),
+        "--timeout", "2", "--", "sh", "-c", "echo before; sleep 30; echo after",
+    ]
+    result = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 128 + signal.SIGKILL, result.stderr
+    assert result.stdout == "before\n"
+    assert "did not finish within 2 s and was killed" in result.stderr
+    await vms.runtime.stop(handle, plan)
+    await vms.runtime.wait(handle, plan)
 
 
 async def test_echo_and_abandoned_exec(vms: VmTracker, server_binary: Path) -> None:
@@ -521,6 +563,7 @@ async def test_tls_renewal_after_adoption(vms: VmTracker, server_binary: Path) -
     exec_socket = str(plan.instance_dir / "exec.sock")
     assert await guest_output(exec_socket, 'cat "$OSVM_TLS_CERT"') == first.chain_pem
     await handle.extra["agent"].close()
+    await handle.extra["exec_mux"].close()
 
     # As if a daemon wrote renewed files and stopped before it copied them into the guest: the
     # next daemon copies the host's files when it adopts the VM.

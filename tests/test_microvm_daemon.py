@@ -425,7 +425,7 @@ def test_down_removes_vm_resources(vm_osvm: Osvm, server_binary: Path) -> None:
     assert instance["vm"]["network"] == "tap"
     assert (instance_dir / "root.qcow2").exists()
     assert sorted(path.name for path in instance_dir.glob("*.sock")) == [
-        "agent.sock", "exec.sock", "qmp.sock", "vsock-port.sock", "vsock.sock",
+        "agent.sock", "exec-port.sock", "exec.sock", "qmp.sock", "vsock-port.sock", "vsock.sock",
     ]
     assert NETNS_PREFIX + instance["id"] in netns_names()
     assert HOST_IFNAME_PREFIX + short_id(instance["id"]) in link_names()

@@ -329,6 +329,7 @@ async def test_vsock_after_adoption(echo_vm: EchoVm) -> None:
     # client. The test closes both, as the kernel would.
     await echo_vm.handle.extra["agent"].close()
     await echo_vm.handle.extra["vsock"].close()
+    await echo_vm.handle.extra["exec_mux"].close()
     assert await asyncio.wait_for(reader.read(), 30) == b""
     writer.close()
 

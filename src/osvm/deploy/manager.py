@@ -6,6 +6,7 @@ import logging
 import re
 import time
 import tomllib
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 from osvm.config.load import ConfigError, issues_from_validation_error
 from osvm.config.models import STORED_REVISION, Component
 from osvm.deploy.rollout import Fleet, Rollout, RolloutState
+from osvm.images.sources import source_problem
 from osvm.store import RolloutRecord, Store
 from osvm.store.events import EventBus
 
@@ -57,6 +59,17 @@ class DeployManager:
         except ValidationError as error:
             issues = issues_from_validation_error(error, document)
             raise DeployError(str(ConfigError(f"components.{component}", issues)), 422) from None
+        if spec.image is not None and spec.image.path is not None:
+            # The daemon runs on the host the image is built on, so a bad source is found before a
+            # revision is stored. A path from --set must be absolute; the CLI resolves one from a file.
+            source = Path(spec.image.path)
+            problem = (
+                f"{spec.image.path} is relative: give an absolute image.path with --set"
+                if not source.is_absolute()
+                else source_problem(spec.image.kind, source)
+            )
+            if problem is not None:
+                raise DeployError(f"components.{component}.image.path: {problem}", 422)
 
         spec_hash = spec.spec_hash()
         latest = self.store.latest_revision(component)

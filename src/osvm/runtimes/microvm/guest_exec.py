@@ -4,13 +4,15 @@
 
 The command's output (its last 4 KiB, stdout and stderr together) is written to stdout and its
 exit status becomes this program's exit status. When the agent cannot be reached the exit status
-is 125 and stderr gives the reason. QEMU serves the socket to one client at a time, so concurrent calls
-run one after another.
+is 125 and stderr gives the reason. The daemon's exec multiplexer serves the socket, so concurrent
+calls run side by side, at most 16 per VM (more get an error from the agent). A command still
+running at --timeout is killed in the guest, and its output so far is printed.
 """
 
 import argparse
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -32,6 +34,8 @@ DEFAULT_TIMEOUT = 60.0
 # agent kills the command after KEEPALIVE_TIMEOUT without one, instead of at the command's timeout.
 KEEPALIVE_INTERVAL = 1.0
 KEEPALIVE_TIMEOUT = 5.0
+# After the command's timeout, how long to wait for the agent's result of the killed command.
+RESULT_GRACE = 5.0
 
 
 class GuestExecError(Exception):
@@ -44,7 +48,8 @@ def run_in_guest(socket_path: str, argv: list[str], timeout: float = DEFAULT_TIM
     Raises GuestExecError when the socket cannot be reached or no result arrives within timeout seconds.
     """
     request_id = secrets.randbits(31)
-    deadline = time.monotonic() + timeout
+    # The agent kills the command at `timeout` and then sends its result.
+    deadline = time.monotonic() + timeout + RESULT_GRACE
     with _connect(socket_path, timeout) as connection:
         connection.sendall(encode_exec(request_id, argv, int(timeout * 1000), int(KEEPALIVE_TIMEOUT * 1000)))
         parser = FrameParser()
@@ -117,12 +122,15 @@ def main(arguments: list[str] | None = None) -> int:
     command = options.command[1:] if options.command[:1] == ["--"] else options.command
     if not command:
         parser.error("no command given: write it after --")
+    started = time.monotonic()
     try:
         code, output = run_in_guest(options.socket, command, options.timeout)
     except (GuestExecError, ProtocolError) as error:
         print(f"guest_exec: {error}", file=sys.stderr)
         return UNREACHABLE_STATUS
     os.write(sys.stdout.fileno(), output)
+    if code == 128 + signal.SIGKILL and time.monotonic() - started >= options.timeout:
+        print(f"guest_exec: the command did not finish within {options.timeout:g} s and was killed", file=sys.stderr)
     return code if 0 <= code <= 255 else UNREACHABLE_STATUS
 
 

@@ -72,7 +72,13 @@ class QemuConfig:
 
     @property
     def exec_socket(self) -> Path:
+        """The socket exec clients use, served by ExecMux in the daemon."""
         return self.instance_dir / "exec.sock"
+
+    @property
+    def exec_port_socket(self) -> Path:
+        """QEMU's socket for the "osvm.exec" port, read only by ExecMux."""
+        return self.instance_dir / "exec-port.sock"
 
     @property
     def vsock_port_socket(self) -> Path:
@@ -190,7 +196,7 @@ def build_qemu_argv(config: QemuConfig, qemu: str | None = None) -> list[str]:
         "-device", "virtio-serial-device,max_ports=8",
         "-chardev", f"socket,id=agent,path={config.agent_socket},server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=osvm.agent",
-        "-chardev", f"socket,id=exec,path={config.exec_socket},server=on,wait=off",
+        "-chardev", f"socket,id=exec,path={config.exec_port_socket},server=on,wait=off",
         "-device", "virtserialport,chardev=exec,name=osvm.exec",
         "-chardev", f"file,id=log,path={config.log_path},append=on",
         "-device", "virtserialport,chardev=log,name=osvm.log",

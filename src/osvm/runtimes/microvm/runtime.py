@@ -39,6 +39,7 @@ from osvm.runtimes.microvm.qemu import (
     build_qemu_argv,
     detect_accelerator,
 )
+from osvm.runtimes.microvm.exec_mux import ExecMux
 from osvm.runtimes.microvm.jail import JailError, jail_argv
 from osvm.runtimes.microvm.tap import TapError, create_guest_tap
 from osvm.runtimes.microvm.qmp import QmpFailure, qmp_execute, qmp_execute_blocking
@@ -130,6 +131,8 @@ class MicroVmRuntime:
         self._instances: dict[str, VmInstance] = {}
         # The vsock bridge of each instance started or adopted, by instance id, so cleanup() can close it.
         self._vsock_bridges: dict[str, VsockBridge] = {}
+        # The exec multiplexer of each instance started or adopted, by instance id.
+        self._exec_muxes: dict[str, ExecMux] = {}
 
     # --- public interface --------------------------------------------------------------------
 
@@ -200,7 +203,8 @@ class MicroVmRuntime:
             tls_files = await asyncio.to_thread(read_tls_files, plan.env)
         except OSError as error:
             raise MicroVmError(_certificate_read_error(plan, error)) from None
-        for path in (config.agent_socket, config.exec_socket, config.qmp_socket, config.pid_file):
+        await self._close_exec_mux(plan.instance_id)
+        for path in (config.agent_socket, config.exec_socket, config.exec_port_socket, config.qmp_socket, config.pid_file):
             path.unlink(missing_ok=True)
         await self._close_vsock_bridge(plan.instance_id)
         remove_vsock_sockets(plan.instance_dir, listeners=False)
@@ -274,6 +278,7 @@ class MicroVmRuntime:
             )
         if isinstance(session, AgentSession):
             await session.close()
+        await self._close_exec_mux(plan.instance_id)
         await self._close_vsock_bridge(plan.instance_id)
         return status
 
@@ -411,7 +416,8 @@ class MicroVmRuntime:
         if self.privileged and plan.netns_name is not None:
             await asyncio.to_thread(remove_instance_network, plan.instance_id)
         await self._close_vsock_bridge(plan.instance_id)
-        for name in (OVERLAY, "agent.sock", "exec.sock", "qmp.sock", "qemu.pid", STATE_FILE):
+        await self._close_exec_mux(plan.instance_id)
+        for name in (OVERLAY, "agent.sock", "exec.sock", "exec-port.sock", "qmp.sock", "qemu.pid", STATE_FILE):
             (plan.instance_dir / name).unlink(missing_ok=True)
         remove_vsock_sockets(plan.instance_dir)
         self._instances.pop(plan.instance_id, None)
@@ -500,6 +506,10 @@ class MicroVmRuntime:
         session = AgentSession(config.agent_socket, _start_frame(plan), plan.instance_id, tls_files)
         session.start(exited)
         handle.extra["agent"] = session
+        exec_mux = ExecMux(config.exec_port_socket, config.exec_socket, plan.instance_id)
+        exec_mux.start(exited)
+        handle.extra["exec_mux"] = exec_mux
+        self._exec_muxes[plan.instance_id] = exec_mux
         bridge = VsockBridge(config.vsock_port_socket, config.vsock_socket, plan.instance_id, config.host_ports)
         bridge.start(exited)
         handle.extra["vsock"] = bridge
@@ -511,6 +521,11 @@ class MicroVmRuntime:
         if not isinstance(session, AgentSession):
             raise DeliveryError(f"instance {plan.instance_id} has no agent session: it was not started or adopted")
         return session
+
+    async def _close_exec_mux(self, instance_id: str) -> None:
+        exec_mux = self._exec_muxes.pop(instance_id, None)
+        if exec_mux is not None:
+            await exec_mux.close()
 
     async def _close_vsock_bridge(self, instance_id: str) -> None:
         bridge = self._vsock_bridges.pop(instance_id, None)

@@ -51,7 +51,7 @@ class VsockBridge:
             self.mux = None
 
     async def _run(self, qemu_exited: "asyncio.Future[None]") -> None:
-        streams = await self._connect(qemu_exited)
+        streams = await connect_port_socket(self.port_socket, qemu_exited, self.instance_id, "vsock")
         if streams is None:
             return
         reader, writer = streams
@@ -66,23 +66,29 @@ class VsockBridge:
         # The multiplexer ends by itself when QEMU exits and closes the port socket.
         await mux.wait_closed()
 
-    async def _connect(
-        self, qemu_exited: "asyncio.Future[None]"
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + CONNECT_TIMEOUT
-        while not qemu_exited.done():
-            try:
-                return await asyncio.open_unix_connection(str(self.port_socket))
-            except (FileNotFoundError, ConnectionRefusedError) as error:
-                if loop.time() >= deadline:
-                    logger.error(
-                        "instance %s: cannot connect to the vsock port socket %s within %.0f s: %s",
-                        self.instance_id, self.port_socket, CONNECT_TIMEOUT, error,
-                    )
-                    return None
-                await asyncio.sleep(CONNECT_RETRY_INTERVAL)
-        return None
+
+
+async def connect_port_socket(
+    port_socket: Path, qemu_exited: "asyncio.Future[None]", instance_id: str, port_name: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """Connect to QEMU's socket for a virtio-serial port once QEMU has created it.
+
+    Returns None when QEMU exits first, or logs an error and returns None after CONNECT_TIMEOUT.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CONNECT_TIMEOUT
+    while not qemu_exited.done():
+        try:
+            return await asyncio.open_unix_connection(str(port_socket))
+        except (FileNotFoundError, ConnectionRefusedError) as error:
+            if loop.time() >= deadline:
+                logger.error(
+                    "instance %s: cannot connect to the %s port socket %s within %.0f s: %s",
+                    instance_id, port_name, port_socket, CONNECT_TIMEOUT, error,
+                )
+                return None
+            await asyncio.sleep(CONNECT_RETRY_INTERVAL)
+    return None
 
 
 def remove_vsock_sockets(instance_dir: Path, listeners: bool = True) -> None:
