@@ -13,6 +13,8 @@ def test_ended_instance_loses_its_key(osvm: Osvm) -> None:
     osvm.cli("down")
 
     wait_for(lambda: not tls_dir.exists() or None, f"{tls_dir} to be removed")
+    # Nothing else was in the data directory, so it went too.
+    assert not tls_dir.parent.exists()
     records = osvm.cli_json("ca", "list")["certificates"]
     worker = [record for record in records if record["instance"] == instance["id"]]
     assert worker

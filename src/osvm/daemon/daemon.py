@@ -117,6 +117,10 @@ class Daemon:
                 # Nothing to adopt later, so the empty cgroup parent of this state directory can go.
                 self.runtime.remove_cgroup_parent()
             self.store.close()
+            # The file stays, because a new daemon may already wait on its lock; the pid goes.
+            self._lock_file.seek(0)
+            self._lock_file.truncate()
+            self._lock_file.flush()
             logger.info("daemon stopped")
 
     def request_shutdown(self, reason: str) -> None:

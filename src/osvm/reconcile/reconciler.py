@@ -5,6 +5,7 @@ no longer desired, stops what is no longer wanted, and adopts or replaces instan
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -702,6 +703,9 @@ class Reconciler:
                 if self.certificates is not None:
                     self.certificates.revoke_instance(supervisor.record.component, instance_id)
                     _remove_key_material(supervisor.plan.data_dir / TLS_DIR, instance_id)
+                with contextlib.suppress(OSError):
+                    # The data directory goes only when the instance left nothing in it.
+                    supervisor.plan.data_dir.rmdir()
                 del self.supervisors[instance_id]
 
     def _is_healthy(self, name: str) -> bool:
