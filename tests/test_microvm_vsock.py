@@ -26,6 +26,7 @@ import pytest
 from osvm.images.kernel import KernelError, fetch_kernel
 from osvm.runtimes import procinfo
 from osvm.runtimes.base import LaunchPlan, ProcessHandle
+from osvm.runtimes.cgroups import remove_parent
 from osvm.runtimes.microvm import MicroVmRuntime
 from osvm.vsock import GuestPortRefused, VsockConnectError, connect, serve_guest_port
 from osvm.vsock.hybrid import StreamHandler
@@ -163,6 +164,9 @@ async def echo_vm(state_dir: Path, echo_server: Path) -> AsyncIterator[EchoVm]:
             os.kill(handle.pid, signal.SIGKILL)
             await runtime.wait(handle, plan)
         await runtime.cleanup(plan)
+        if runtime.cgroup_layout is not None:
+            # The runtime keeps the cgroup parent of the state directory; nothing is left in it now.
+            remove_parent(runtime.cgroup_parent)
         left = sorted(path.name for path in plan.instance_dir.glob("*.sock*"))
         assert not left, f"socket files left in {plan.instance_dir} after cleanup: {left}"
 
