@@ -19,6 +19,8 @@ logger = logging.getLogger("osvm.supervise")
 
 # How long tls.reload_command may run before it is killed, in seconds.
 RELOAD_COMMAND_TIMEOUT = 30.0
+# How often renewed certificate files that did not reach an instance are copied again, in seconds.
+CERTIFICATE_RETRY_INTERVAL = 10.0
 
 
 class InstanceState(str, enum.Enum):
@@ -75,6 +77,8 @@ class InstanceSupervisor:
         self._liveness_failed = False
         # Set when a VM's agent did not report READY within vm.boot_timeout and the VM was stopped.
         self._boot_timed_out: float | None = None
+        # Copies renewed certificate files into the instance again after a failed copy.
+        self._certificate_retry: asyncio.Task[None] | None = None
 
     # --- public interface --------------------------------------------------------------------
 
@@ -114,10 +118,17 @@ class InstanceSupervisor:
             try:
                 done.append(await update(handle, self.plan))
             except DeliveryError as error:
-                # NOTE: the instance keeps its old certificate until its next start, adoption or
-                # renewal, and that certificate expires a third of a lifetime after this renewal.
+                # The instance still has its old certificate, valid for a third of a lifetime more,
+                # so the copy is retried until it succeeds or the instance ends.
                 self.log.error("the renewed certificate did not reach instance %s: %s", self.record.id, error)
-                return f"the renewed files did not reach the instance, so it was not reloaded: {error}"
+                if self._certificate_retry is None or self._certificate_retry.done():
+                    self._certificate_retry = asyncio.create_task(
+                        self._retry_certificate(), name=f"certificate-retry-{self.record.id}"
+                    )
+                return (
+                    f"the renewed files did not reach the instance, so it was not reloaded: {error}; "
+                    f"retrying every {CERTIFICATE_RETRY_INTERVAL:g} s"
+                )
         if settings is not None and settings.reload_signal and handle is not None:
             send = getattr(self.runtime, "send_signal", None)
             if send is not None:
@@ -162,10 +173,29 @@ class InstanceSupervisor:
                 process.kill()
         return f"reload command exited with status {code}"
 
+    async def _retry_certificate(self) -> None:
+        """Copy the certificate files into the instance again until a copy succeeds, then reload it."""
+        while True:
+            await asyncio.sleep(CERTIFICATE_RETRY_INTERVAL)
+            if self.handle is None or self._stop_requested.is_set() or self.done:
+                return
+            update = getattr(self.runtime, "update_certificate")
+            try:
+                await update(self.handle, self.plan)
+            except DeliveryError as error:
+                self.log.warning("retry: the renewed certificate did not reach instance %s: %s", self.record.id, error)
+                continue
+            # The copy works again; the full reload sends the signal and runs the command as well.
+            detail = await self.reload_certificate()
+            self.events.publish("certificate.reloaded", f"after a retry: {detail}", self.record.component, self.record.id)
+            return
+
     def detach(self) -> None:
         """Cancel supervision but leave the process running, for a daemon that is shutting down."""
         if self._task is not None:
             self._task.cancel()
+        if self._certificate_retry is not None:
+            self._certificate_retry.cancel()
 
     @property
     def done(self) -> bool:
