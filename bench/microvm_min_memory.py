@@ -5,7 +5,7 @@ after another. Each boots a binary image with a static C echo server, as a busyb
 as the same tree on an ext4 disk. A boot counts as ready when the guest agent reports READY
 within --timeout seconds. Otherwise the serial log classifies it: "hang" when the log is empty,
 and "panic" when the kernel printed a panic. The guest is 1 vCPU on QEMU's microvm machine, under
-TCG unless --accel says otherwise. MIN_VM_MEMORY in src/osvm/config/models.py comes from this.
+TCG unless --accel sets another accelerator. MIN_VM_MEMORY in src/osvm/config/models.py comes from this.
 
 Run as root (QEMU then runs as the user osvm in a cgroup):
     .venv/bin/python bench/microvm_min_memory.py [--sizes 64,96,104,112,128] [--boots 3]

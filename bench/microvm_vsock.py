@@ -19,6 +19,7 @@ Run:
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import socket
@@ -26,12 +27,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import harness
 from microvm_boot import IMAGE_CACHE, PAYLOAD, READY_TIMEOUT, SERVING_TIMEOUT, compile_echo_server, make_plan, wait_serving
 
+from osvm.runtimes.base import LaunchPlan, ProcessHandle
 from osvm.runtimes.microvm import MicroVmRuntime, detect_accelerator
 from osvm.runtimes.microvm.agent import AgentSession
 from osvm.runtimes.netns import InstanceNetwork, addressing_for
@@ -103,6 +106,24 @@ def tcp_bulk_seconds(connection: socket.socket, data: bytes) -> float:
     return time.perf_counter() - started
 
 
+@contextlib.asynccontextmanager
+async def booted_vm(runtime: MicroVmRuntime, plan: LaunchPlan) -> AsyncIterator[ProcessHandle]:
+    """Boot the VM of plan, yield its handle once its agent is ready, then stop and clean it up."""
+    await runtime.prepare(plan)
+    handle = await runtime.start(plan)
+    try:
+        if not await runtime.wait_ready(handle, READY_TIMEOUT):
+            raise harness.BenchError(f"VM {plan.instance_id} not ready; see {plan.instance_dir}/serial.log")
+        yield handle
+        await runtime.stop(handle, plan)
+        await runtime.wait(handle, plan)
+    finally:
+        if not handle.extra["exited"].done():
+            handle.extra["popen"].kill()
+            await runtime.wait(handle, plan)
+        await runtime.cleanup(plan)
+
+
 async def measure_tap(
     runtime: MicroVmRuntime, state_dir: Path, binary: Path, round_trips: int, pool: str
 ) -> dict[str, Any]:
@@ -110,11 +131,7 @@ async def measure_tap(
     plan = make_plan(state_dir, 1, binary, 256)
     addressing = addressing_for(0, pool)
     plan = dataclasses.replace(plan, netns_name=InstanceNetwork(plan.instance_id, None).netns_name, addressing=addressing)
-    await runtime.prepare(plan)
-    handle = await runtime.start(plan)
-    try:
-        if not await runtime.wait_ready(handle, READY_TIMEOUT):
-            raise harness.BenchError(f"VM {plan.instance_id} not ready; see {plan.instance_dir}/serial.log")
+    async with booted_vm(runtime, plan):
         port = int(plan.env["OSVM_PORT_ECHO"])
         address = addressing.instance_address
         connection = await asyncio.to_thread(wait_serving, port, time.monotonic() + SERVING_TIMEOUT, address)
@@ -123,23 +140,12 @@ async def measure_tap(
             tcp_bulk = await asyncio.to_thread(tcp_bulk_seconds, connection, os.urandom(BULK_BYTES))
         finally:
             connection.close()
-        await runtime.stop(handle, plan)
-        await runtime.wait(handle, plan)
-    finally:
-        if not handle.extra["exited"].done():
-            handle.extra["popen"].kill()
-            await runtime.wait(handle, plan)
-        await runtime.cleanup(plan)
     return {"round_trip_64_bytes_us": harness.summarize(tcp), "echo_1_mib_s": round(tcp_bulk, 3)}
 
 
 async def measure(runtime: MicroVmRuntime, state_dir: Path, binary: Path, round_trips: int) -> dict[str, Any]:
     plan = make_plan(state_dir, 0, binary, 256)
-    await runtime.prepare(plan)
-    handle = await runtime.start(plan)
-    try:
-        if not await runtime.wait_ready(handle, READY_TIMEOUT):
-            raise harness.BenchError(f"VM {plan.instance_id} not ready; see {plan.instance_dir}/serial.log")
+    async with booted_vm(runtime, plan) as handle:
         port = int(plan.env["OSVM_PORT_ECHO"])
         connection = await asyncio.to_thread(wait_serving, port, time.monotonic() + SERVING_TIMEOUT)
         reader, writer = await connect(plan.instance_dir / "vsock.sock", port)
@@ -153,13 +159,6 @@ async def measure(runtime: MicroVmRuntime, state_dir: Path, binary: Path, round_
         finally:
             writer.close()
             connection.close()
-        await runtime.stop(handle, plan)
-        await runtime.wait(handle, plan)
-    finally:
-        if not handle.extra["exited"].done():
-            handle.extra["popen"].kill()
-            await runtime.wait(handle, plan)
-        await runtime.cleanup(plan)
     return {
         "round_trip_64_bytes_us": {
             "vsock_hybrid": harness.summarize(vsock),

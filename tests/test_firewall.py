@@ -466,8 +466,8 @@ def test_table_only_in_namespace(networks):
             ("forward", "drop"), ("input", "drop"), ("output", "drop"),
         ]
         rule_count = sum(1 for item in listing["nftables"] if "rule" in item)
-        # input and output: 4 common rules, one listed rule and a final drop each; forward: 3
-        # common rules (no loopback), both listed rules and a final drop.
+        # input and output each have 4 common rules, one listed rule and a final drop. forward has
+        # 3 common rules (no loopback), both listed rules and a final drop.
         assert rule_count == 6 + 6 + 6
     finally:
         wall.remove()
@@ -555,7 +555,7 @@ def test_rejects_host_namespace(root_with_nft, monkeypatch):
     assert not os.path.lexists(f"/run/netns/{netns_name}")
 
 
-# A guest behind the namespace, as a VM on its tap device sees it. A second namespace stands in for
+# A guest behind the namespace, connected as a VM on its tap device is. A second namespace is
 # the guest, linked by a veth pair whose end in the instance namespace is named tap0, so the
 # forward chain and table ip osvm-guest are checked in the kernel without booting a VM.
 
@@ -636,4 +636,5 @@ def test_guest_forwarding_follows_the_rules(guest_namespace, processes, server_p
     assert wall.dropped_packets() > 0
 
     text = run("ip", "netns", "exec", network.netns_name, "nft", "list", "table", "ip", "osvm-guest")
-    assert "dnat to 10.0.2.15" in text and "masquerade" in text
+    assert "dnat to 10.0.2.15" in text
+    assert "masquerade" in text

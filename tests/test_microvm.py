@@ -397,7 +397,7 @@ async def test_ext4_root_with_overlay(vms: VmTracker, server_binary: Path) -> No
 
 
 async def test_exec_clients_run_side_by_side(vms: VmTracker, server_binary: Path) -> None:
-    # QEMU serves the exec port to one client at a time; the runtime's multiplexer lets a long
+    # QEMU serves the exec port to one client at a time. The runtime's multiplexer lets a long
     # command and several short ones share it, as an operator's command and probes do.
     plan = make_plan(vms.state_dir, "web-1-xxxxxx", server_binary)
     handle = await vms.boot_ready(plan)

@@ -188,7 +188,7 @@ def certificate_serial(path: Path) -> str:
     return format(x509.load_pem_x509_certificates(path.read_bytes())[0].serial_number, "x")
 
 
-def wait_refused_event(osvm: Osvm, attempt: Attempt) -> str:
+def wait_rejection_event(osvm: Osvm, attempt: Attempt) -> str:
     """Wait for the endpoint.refused event of one connection, found by its client port, and return its reason."""
     marker = f"refused 127.0.0.1:{attempt.local_port}: "
 
@@ -293,7 +293,7 @@ def assert_rejected(osvm: Osvm, port: int, credentials: Credentials | None, expe
     attempt = https_get(port, osvm.ca_dir / ROOT_CERT_FILE, credentials)
 
     assert attempt.status is None, f"the endpoint answered HTTP {attempt.status}: {attempt.body[:200]!r}"
-    reason = wait_refused_event(osvm, attempt)
+    reason = wait_rejection_event(osvm, attempt)
     assert expected_reason in reason, reason
     wait_for(lambda: policy_denials(osvm) > before, f"{POLICY_DENIALS_METRIC} to grow above {before:g}")
     return reason

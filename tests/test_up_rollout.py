@@ -52,8 +52,8 @@ def test_up_fails_when_rollout_fails(osvm: Osvm) -> None:
     assert revision_of_instances(osvm, "web") == [1]
     assert osvm.instance("web")["health"] == "healthy"
 
-    # Applying the same file again starts a new rollout, which fails the same way; the rolled-back
-    # rollout of the first attempt must not end the wait before it.
+    # Applying the same file again starts a new rollout, which fails the same way. The failed
+    # rollout of the first attempt must not end the wait before the new one ends.
     again = osvm.cli("up", str(broken), "--timeout", "120", check=False)
     assert again.returncode == 1, again.stdout + again.stderr
     rollouts = osvm.cli_json("deployments", "web")["rollouts"]

@@ -537,18 +537,18 @@ def _wait_healthy(
                 shown[name] = line
             if component["status"] in ("failed", "exited"):
                 failed.append(name)
-            wanted = revisions.get(name)
+            expected_revision = revisions.get(name)
             rollout = component.get("rollout")
             if (
-                wanted is not None
+                expected_revision is not None
                 and rollout
                 and rollout["id"] != earlier_rollouts.get(name)
-                and rollout["to_revision"] == wanted
+                and rollout["to_revision"] == expected_revision
                 and rollout["state"] in ("rolled_back", "failed")
             ):
                 failed.append(name)
             healthy = component["status"] == "running" and any(
-                instance["health"] == "healthy" and (wanted is None or instance["revision"] == wanted)
+                instance["health"] == "healthy" and (expected_revision is None or instance["revision"] == expected_revision)
                 for instance in component["instances"]
             )
             done = done and healthy

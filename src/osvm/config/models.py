@@ -46,7 +46,7 @@ MIN_VM_MEMORY = 128 * 1024 * 1024
 
 # Validation context key set when the daemon loads a revision it stored earlier. A rule added to
 # the model after a revision was stored skips such revisions, so an upgrade never makes a stored
-# revision unreadable; new files still get the rule.
+# revision unreadable. New files still get the rule.
 STORED_REVISION = "stored_revision"
 
 

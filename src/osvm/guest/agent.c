@@ -1491,8 +1491,8 @@ static void vsock_open(uint32_t id, uint32_t port, uint32_t window) {
         return;
     }
     /* The host batches the stream already, so Nagle's algorithm would only delay small requests. */
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    int enable = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &enable, sizeof enable);
     struct sockaddr_in address = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     int result = connect(fd, (struct sockaddr *)&address, sizeof address);
@@ -1606,9 +1606,9 @@ static void vsock_service_open_to_host(struct vsock_stream *stream, int64_t now)
         vsock_free(stream);
         return;
     }
-    vsock_log_failure(stream->listener, "the host did not answer OPEN_TO_HOST within %d ms",
+    vsock_log_failure(stream->listener, "the host did not respond to OPEN_TO_HOST within %d ms",
                       VSOCK_OPEN_TO_HOST_TIMEOUT_MS);
-    /* The channel id stays reserved until OPEN_OK or OPEN_FAIL arrives, so a late answer finds it. */
+    /* The channel id stays reserved until OPEN_OK or OPEN_FAIL arrives, so a late reply finds it. */
     vsock_close_local(stream);
 }
 
@@ -1631,8 +1631,8 @@ static void vsock_accept(struct vsock_listener *listener) {
             continue;
         }
         /* The host batches the stream already, so Nagle's algorithm would only delay small requests. */
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        int enable = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &enable, sizeof enable);
         *stream = (struct vsock_stream){
             .used = 1, .port = listener->port, .fd = fd, .listener = listener, .awaiting_hello = 1};
         stream->deadline_ms = now_ms() + VSOCK_OPEN_TO_HOST_TIMEOUT_MS;
@@ -1643,8 +1643,8 @@ static int listen_on_loopback(uint32_t port) {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -1;
-    int one = 1;
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    int enable = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &enable, sizeof enable);
     struct sockaddr_in address = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     if (bind(fd, (struct sockaddr *)&address, sizeof address) != 0 || listen(fd, SOMAXCONN) != 0) {

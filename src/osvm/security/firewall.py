@@ -232,8 +232,8 @@ def build_guest_forwarding(instance_address: str, guest_address: str, ports: lis
     """Build the nft JSON document that replaces table ip osvm-guest.
 
     Its prerouting chain sends new TCP connections to instance_address on each port to the same
-    port of guest_address, and its postrouting chain masquerades what the guest sends out of the
-    uplink, so the guest's connections leave with the instance address as a process's do.
+    port of guest_address. Its postrouting chain masquerades what the guest sends out of the
+    uplink, so the guest's connections leave with the instance address, as a process's do.
     """
     _parse_ipv4_network(instance_address, "instance address")
     _parse_ipv4_network(guest_address, "guest address")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from osvm.runtimes.base import DeliveryError
+from osvm.runtimes.microvm.port_socket import connect_port_socket
 from osvm.runtimes.microvm.protocol import (
     AgentState,
     Frame,
@@ -35,9 +36,6 @@ from osvm.runtimes.microvm.protocol import (
 
 logger = logging.getLogger("osvm.runtimes.microvm")
 
-# QEMU creates its sockets within a few milliseconds of starting; this bounds a QEMU stuck before that.
-CONNECT_TIMEOUT = 30.0
-CONNECT_RETRY_INTERVAL = 0.01
 # How long a WRITE_FILES or SIGNAL request waits for the agent's RESULT. The agent replies at once,
 # so this bounds only a guest that stopped running, such as a paused VM.
 REQUEST_TIMEOUT = 30.0
@@ -203,26 +201,12 @@ class AgentSession:
             self._result_waiters.clear()
 
     async def _connect(self, qemu_exited: "asyncio.Future[None]") -> asyncio.StreamReader | None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + CONNECT_TIMEOUT
-        last_error: OSError | None = None
-        while not qemu_exited.done():
-            try:
-                reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
-            except (FileNotFoundError, ConnectionRefusedError) as error:
-                last_error = error
-                if loop.time() >= deadline:
-                    logger.error(
-                        "cannot connect to the agent socket %s of instance %s within %.0f s: %s",
-                        self.socket_path, self.instance_id, CONNECT_TIMEOUT, last_error,
-                    )
-                    return None
-                await asyncio.sleep(CONNECT_RETRY_INTERVAL)
-                continue
-            self._writer = writer
-            self.connected.set()
-            return reader
-        return None
+        streams = await connect_port_socket(self.socket_path, qemu_exited, self.instance_id, "agent")
+        if streams is None:
+            return None
+        reader, self._writer = streams
+        self.connected.set()
+        return reader
 
     async def _handle(self, frame: Frame) -> None:
         if frame.type == MessageType.HELLO:

@@ -18,8 +18,8 @@ import struct
 from collections import deque
 from pathlib import Path
 
+from osvm.runtimes.microvm.port_socket import connect_port_socket
 from osvm.runtimes.microvm.protocol import Frame, FrameParser, MessageType, encode_frame, pack_string
-from osvm.runtimes.microvm.vsock_bridge import connect_port_socket
 
 logger = logging.getLogger("osvm.runtimes.microvm")
 
@@ -134,12 +134,12 @@ class ExecMux:
             if self._echoes:
                 self._echoes.popleft().send(MessageType.ECHO_REPLY, frame.payload)
         elif frame.type == MessageType.HELLO:
-            # The agent also says HELLO unasked when the connection opens; that one has no waiter.
+            # The agent also sends an unrequested HELLO when the connection opens, which has no waiter.
             if self._hellos:
                 self._hellos.popleft().send(MessageType.HELLO, frame.payload)
         elif frame.type == MessageType.ERROR:
             # Frames are checked here before they are forwarded, so an ERROR from the agent is not
-            # expected; it most likely answers the last frame forwarded.
+            # expected. It most likely responds to the last frame forwarded.
             logger.warning("instance %s: the guest agent sent an error on the exec port: %r", self.instance_id, frame.payload[4:])
             if self._last_sender is not None:
                 self._last_sender.send(MessageType.ERROR, frame.payload)

@@ -646,10 +646,10 @@ class MicroVmRuntime:
         if pid is None:
             return
         logger.error("instance %s: bwrap exited but its QEMU pid %d still runs: sending SIGKILL", plan.instance_id, pid)
-        gone = watch_exit(pid)
+        exited = watch_exit(pid)
         self._kill_leftover_qemu(plan)
         try:
-            await asyncio.wait_for(gone, KILL_TIMEOUT)
+            await asyncio.wait_for(exited, KILL_TIMEOUT)
         except TimeoutError:
             logger.error("instance %s: QEMU pid %d did not exit within %.0fs of SIGKILL", plan.instance_id, pid, KILL_TIMEOUT)
 
