@@ -9,7 +9,6 @@ through a real daemon and needs root, QEMU and the end-to-end setup of conftest.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
 from pathlib import Path
@@ -21,11 +20,10 @@ from e2e import OSVM, Osvm, deployment_toml
 from osvm.config.models import Component
 from osvm.deploy.manager import DeployError, DeployManager
 from osvm.images import BuiltImage, list_images
-from osvm.images.kernel import KernelError, fetch_kernel
 from osvm.store import Store
 from osvm.store.events import EventBus
 from test_images import compile_program, record_vm_instance
-from test_microvm_support import IMAGE_CACHE, compile_server, require_image_tools, require_qemu
+from test_microvm_support import IMAGE_CACHE, compile_server, link_shared_cache, require_guest_kernel, require_image_tools, require_qemu
 
 # Bounds a hung command; never asserted as a performance limit.
 CLI_TIMEOUT = 300.0
@@ -57,15 +55,10 @@ def vm_component(image: dict[str, Any], command: list[str] | None = None) -> dic
 def share_test_cache(state_dir: Path) -> Path:
     """Create STATE_DIR/images with the shared kernels, agents and downloads linked in, and return it."""
     require_image_tools()
-    try:
-        fetch_kernel(IMAGE_CACHE)
-    except KernelError as error:
-        pytest.skip(f"the guest kernel package cannot be fetched: {error}")
+    require_guest_kernel()
     cache = state_dir / "images"
     cache.mkdir(parents=True)
-    for shared in ("kernels", "downloads", "tools", "agents"):
-        if (IMAGE_CACHE / shared).exists():
-            os.symlink(IMAGE_CACHE / shared, cache / shared)
+    link_shared_cache(cache)
     return cache
 
 

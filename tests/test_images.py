@@ -56,21 +56,16 @@ from osvm.images.kernel import (
     module_dependencies,
     module_name,
 )
-from test_microvm_support import IMAGE_CACHE, compile_server, require_image_tools
+from test_microvm_support import IMAGE_CACHE, compile_server, link_shared_cache, require_guest_kernel, require_image_tools
 
 
 @pytest.fixture(scope="module")
 def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An image cache whose kernels, agents and downloads are shared with other test runs."""
     require_image_tools()
-    try:
-        fetch_kernel(IMAGE_CACHE)
-    except KernelError as error:
-        pytest.skip(f"the guest kernel package cannot be fetched: {error}")
+    require_guest_kernel()
     cache = tmp_path_factory.mktemp("images")
-    for shared in ("kernels", "downloads", "tools", "agents"):
-        if (IMAGE_CACHE / shared).exists():
-            os.symlink(IMAGE_CACHE / shared, cache / shared)
+    link_shared_cache(cache)
     return cache
 
 

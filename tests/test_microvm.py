@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import AsyncIterator, Iterator
@@ -26,7 +25,6 @@ import pytest
 
 from osvm.config.load import parse_deployment
 from osvm.config.models import ExecProbe, ImageSpec
-from osvm.images.kernel import KernelError, fetch_kernel
 from osvm.probes.exec import check_exec
 from osvm.probes.target import ProbeTarget
 from osvm.runtimes import procinfo
@@ -62,7 +60,7 @@ from osvm.runtimes.microvm.runtime import (
 from osvm.security.ca import CertificateAuthority, IssuedCertificate
 from osvm.security.instance_certs import write_instance_files
 from e2e import free_subnet_pool, link_names
-from test_microvm_support import IMAGE_CACHE, compile_server, make_plan, require_qemu
+from test_microvm_support import IMAGE_CACHE, compile_server, make_plan, require_guest_kernel, require_qemu, short_state_dir
 
 # A boot under TCG takes 2 to 10 s on a loaded 2-core host.
 READY_TIMEOUT = 60.0
@@ -75,20 +73,14 @@ RELOAD_ON_HUP = """trap 'cat "$OSVM_TLS_CERT" > /data/reloaded.pem' HUP; while t
 @pytest.fixture(scope="module")
 def server_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     require_qemu()
-    try:
-        fetch_kernel(IMAGE_CACHE)
-    except KernelError as error:
-        pytest.skip(f"the guest kernel package cannot be fetched: {error}")
+    require_guest_kernel()
     return compile_server(tmp_path_factory.mktemp("server"))
 
 
 @pytest.fixture
 def state_dir() -> Iterator[Path]:
-    # Short, because QEMU's socket paths under it must fit in 108 bytes.
-    path = Path(tempfile.mkdtemp(prefix="osvm-vm-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with short_state_dir("osvm-vm-") as path:
+        yield path
 
 
 class VmTracker:

@@ -28,10 +28,9 @@ import pytest
 from e2e import PYTHON, Osvm, http_request, is_alive, link_names, netns_names, read_process, wait_for
 from osvm.config.models import ImageSpec
 from osvm.images import build_image
-from osvm.images.kernel import KernelError, fetch_kernel
 from osvm.runtimes.microvm import detect_accelerator
 from osvm.runtimes.netns import HOST_IFNAME_PREFIX, NETNS_PREFIX, short_id
-from test_microvm_support import IMAGE_CACHE, free_port, require_qemu
+from test_microvm_support import IMAGE_CACHE, free_port, require_guest_kernel, require_qemu
 from test_rollout import LoadLoop
 
 pytestmark = [
@@ -204,10 +203,7 @@ EXEC_PROBE = {
 def server_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Compile the test server and build its images (initramfs and ext4) into the shared cache."""
     require_qemu()
-    try:
-        fetch_kernel(IMAGE_CACHE)
-    except KernelError as error:
-        pytest.skip(f"the guest kernel package cannot be fetched: {error}")
+    require_guest_kernel()
     directory = tmp_path_factory.mktemp("vm-server")
     source = directory / "vm-server.c"
     source.write_text(SERVER_SOURCE)

@@ -6,15 +6,19 @@ The kernel package and compiled agent are cached in OSVM_TEST_IMAGE_CACHE (defau
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from osvm.config.models import Component, ImageSpec, VmSettings
+from osvm.images.kernel import KernelError, fetch_kernel
 from osvm.runtimes.base import LaunchPlan
 
 IMAGE_CACHE = Path(os.environ.get("OSVM_TEST_IMAGE_CACHE", "/var/tmp/osvm-test-images"))
@@ -75,6 +79,32 @@ def require_image_tools() -> None:
                             capture_output=True, text=True)
     if result.returncode != 0:
         pytest.skip("building guest images needs a static libc for gcc -static (Debian package libc6-dev)")
+
+
+def require_guest_kernel() -> None:
+    """Fetch Debian's guest kernel into the shared cache, or skip the test when it cannot be fetched."""
+    try:
+        fetch_kernel(IMAGE_CACHE)
+    except KernelError as error:
+        pytest.skip(f"the guest kernel package cannot be fetched: {error}")
+
+
+def link_shared_cache(cache: Path) -> None:
+    """Link the shared cache's kernels, downloads, tools and agents into the image cache `cache`."""
+    for shared in ("kernels", "downloads", "tools", "agents"):
+        if (IMAGE_CACHE / shared).exists():
+            os.symlink(IMAGE_CACHE / shared, cache / shared)
+
+
+@contextlib.contextmanager
+def short_state_dir(prefix: str) -> Iterator[Path]:
+    """Yield a new /tmp directory with mode 0755, short because QEMU's socket paths under it must fit in 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def require_qemu() -> None:

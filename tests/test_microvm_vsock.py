@@ -12,25 +12,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
 import pytest
 
-from osvm.images.kernel import KernelError, fetch_kernel
 from osvm.runtimes import procinfo
 from osvm.runtimes.base import LaunchPlan, ProcessHandle
 from osvm.runtimes.cgroups import remove_parent
 from osvm.runtimes.microvm import MicroVmRuntime
 from osvm.vsock import GuestPortRefused, VsockConnectError, connect, serve_guest_port
 from osvm.vsock.hybrid import StreamHandler
-from test_microvm_support import IMAGE_CACHE, make_plan, require_qemu
+from test_microvm_support import IMAGE_CACHE, make_plan, require_guest_kernel, require_qemu, short_state_dir
 
 # A boot under TCG takes 2 to 10 s on a loaded 2-core host.
 READY_TIMEOUT = 60.0
@@ -111,20 +108,14 @@ def compile_echo_server(directory: Path) -> Path:
 @pytest.fixture(scope="module")
 def echo_server(tmp_path_factory: pytest.TempPathFactory) -> Path:
     require_qemu()
-    try:
-        fetch_kernel(IMAGE_CACHE)
-    except KernelError as error:
-        pytest.skip(f"the guest kernel package cannot be fetched: {error}")
+    require_guest_kernel()
     return compile_echo_server(tmp_path_factory.mktemp("echo"))
 
 
 @pytest.fixture
 def state_dir() -> Iterator[Path]:
-    # Short, because QEMU's socket paths under it must fit in 108 bytes.
-    path = Path(tempfile.mkdtemp(prefix="osvm-vs-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with short_state_dir("osvm-vs-") as path:
+        yield path
 
 
 class EchoVm:
