@@ -11,7 +11,7 @@ import inspect
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import httpx
@@ -85,11 +85,13 @@ class NamedBackend:
     /status/{code}, /big/{size}, /stream (chunked), /empty (204) and /ws (WebSocket echo).
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, sock: socket.socket | None = None) -> None:
         self.name = name
         self.release = asyncio.Event()
         self.slow_entered = 0
         self.port = 0
+        # A listening socket to serve on instead of a new one on a free port.
+        self.sock = sock
         self._runner: web.AppRunner | None = None
 
     @property
@@ -108,7 +110,10 @@ class NamedBackend:
         app.router.add_get("/ws", self._websocket)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, LOOPBACK, 0)
+        if self.sock is not None:
+            site: web.BaseSite = web.SockSite(self._runner, self.sock)
+        else:
+            site = web.TCPSite(self._runner, LOOPBACK, 0)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
         return self
@@ -177,9 +182,9 @@ async def named_backends(*names: str) -> AsyncIterator[list[NamedBackend]]:
 class EchoServer:
     """TCP server that echoes bytes and, after the client's EOF, sends b"bye <name>" and closes."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, port: int = 0) -> None:
         self.name = name
-        self.port = 0
+        self.port = port
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task] = set()
@@ -189,7 +194,7 @@ class EchoServer:
         return Backend(self.name, LOOPBACK, self.port)
 
     async def start(self) -> "EchoServer":
-        self._server = await asyncio.start_server(self._handle, LOOPBACK, 0)
+        self._server = await asyncio.start_server(self._handle, LOOPBACK, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -245,7 +250,7 @@ class RawHttpServer:
         return Backend("raw", LOOPBACK, self.port)
 
     async def start(self) -> "RawHttpServer":
-        self._server = await asyncio.start_server(self._handle, LOOPBACK, 0)
+        self._server = await asyncio.start_server(self._handle, LOOPBACK, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -496,7 +501,62 @@ async def test_all_backends_refusing_gets_502():
             response = await client.get("/name")
     assert response.status_code == 502
     assert "refused" in response.json()["error"]
-    assert endpoint.counts("dead") == (1, 1)
+    requests, errors = endpoint.counts("dead")
+    # The request tried the backend again after pauses until queue_timeout.
+    assert requests == errors >= 2, (requests, errors)
+
+
+@contextlib.contextmanager
+def full_accept_queue() -> Iterator[socket.socket]:
+    """Yield a listening socket on 127.0.0.1 whose accept queue is full, so the kernel drops new SYNs.
+
+    QEMU's user network behaves so while a busy VM has not accepted, because it listens with a
+    backlog of 1. Once something serves the socket, it accepts the queued connection first.
+    """
+    listener = socket.socket()
+    filler = socket.socket()
+    try:
+        listener.bind((LOOPBACK, 0))
+        # With backlog 0 the queue has room for one connection, and the filler takes it.
+        listener.listen(0)
+        filler.connect(listener.getsockname())
+        yield listener
+    finally:
+        filler.close()
+        listener.close()
+
+
+async def get_after_connect_failures(endpoint: Endpoint, failures: int, listen) -> httpx.Response:
+    """Send GET /name, wait for `failures` failed connects to backend "a", then serve "a" on listen()'s socket."""
+    async with http_client(endpoint) as client:
+        request = asyncio.create_task(client.get("/name"))
+        await wait_until(lambda: endpoint.counts("a")[1] >= failures, f"{failures} connects to backend a fail")
+        assert not request.done()
+        server = await NamedBackend("a", sock=listen()).start()
+        try:
+            return await request
+        finally:
+            await server.stop()
+
+
+async def test_dropped_connect_retried_same_backend():
+    with full_accept_queue() as listener:
+        backend = Backend("a", LOOPBACK, listener.getsockname()[1])
+        async with running_endpoint([backend], connect_timeout=0.2, queue_timeout=DEADLINE) as endpoint:
+            response = await get_after_connect_failures(endpoint, 1, lambda: listener)
+    assert response.status_code == 200, response.text
+    assert response.text == "a"
+    requests, errors = endpoint.counts("a")
+    assert errors >= 1
+    assert requests == errors + 1
+
+
+async def test_request_waits_for_refused_backend():
+    port = free_port()
+    async with running_endpoint([Backend("a", LOOPBACK, port)], queue_timeout=DEADLINE) as endpoint:
+        response = await get_after_connect_failures(endpoint, 2, lambda: socket.create_server((LOOPBACK, port)))
+    assert response.status_code == 200, response.text
+    assert response.text == "a"
 
 
 async def test_stale_pooled_connection_retried():
@@ -823,7 +883,14 @@ async def test_rejected_websocket_keeps_connection():
 
 @contextlib.asynccontextmanager
 async def echo_servers(*names: str) -> AsyncIterator[list[EchoServer]]:
-    servers = [await EchoServer(name).start() for name in names]
+    async with echo_servers_on(*((name, 0) for name in names)) as servers:
+        yield servers
+
+
+@contextlib.asynccontextmanager
+async def echo_servers_on(*names_and_ports: tuple[str, int]) -> AsyncIterator[list[EchoServer]]:
+    """Echo servers with the given names on the given ports of 127.0.0.1, 0 for a free one."""
+    servers = [await EchoServer(name, port).start() for name, port in names_and_ports]
     try:
         yield servers
     finally:
@@ -887,6 +954,21 @@ async def test_tcp_refused_backend_falls_through():
         dead_requests, dead_errors = endpoint.counts("dead")
         assert dead_errors >= 1
         assert dead_requests == dead_errors
+
+
+async def test_tcp_waits_for_refused_backend():
+    port = free_port()
+    async with running_endpoint([Backend("a", LOOPBACK, port)], mode="tcp", queue_timeout=DEADLINE) as endpoint:
+        reader, writer = await open_client(endpoint)
+        try:
+            writer.write(b"early")
+            await wait_until(lambda: endpoint.counts("a")[1] >= 2, "the connection retries the refusing backend")
+            async with echo_servers_on(("a", port)):
+                assert await asyncio.wait_for(reader.readexactly(5), DEADLINE) == b"early"
+                writer.write_eof()
+                assert await asyncio.wait_for(reader.read(), DEADLINE) == b"bye a"
+        finally:
+            writer.close()
 
 
 async def test_tcp_no_backend_closes_connection():

@@ -138,3 +138,20 @@ class BackendState:
             "requests": self.requests,
             "errors": self.errors,
         }
+
+
+class BackendChoice:
+    """The backends one request or client connection has tried, and how long it may go on trying.
+
+    `excluded` holds the backends whose connect failed in the current round, `failure` describes
+    the last failure, `deadline` is the loop time at which it gives up (0 until it first waits),
+    and `rounds` counts the rounds after every backend of the set had failed.
+    """
+
+    __slots__ = ("excluded", "failure", "deadline", "rounds")
+
+    def __init__(self) -> None:
+        self.excluded: set[BackendState] = set()
+        self.failure = ""
+        self.deadline = 0.0
+        self.rounds = 0

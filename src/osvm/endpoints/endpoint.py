@@ -6,7 +6,7 @@ import time
 from collections.abc import Set as AbstractSet
 
 from osvm.config import models
-from osvm.endpoints.backends import Backend, BackendState, format_host_port
+from osvm.endpoints.backends import Backend, BackendChoice, BackendState, format_host_port
 from osvm.endpoints.http import HttpClientProtocol
 from osvm.endpoints.tls import EndpointTls, TlsListener, bind_tls_listener
 from osvm.endpoints.listener import EndpointError, bind_tcp, bind_unix, parse_listen, remove_socket_file
@@ -24,6 +24,12 @@ POOL_MAX_IDLE = 128
 POOL_MAX_IDLE_TIME = 4.0
 # At most one warning per backend in this many seconds. Every error is logged at debug.
 WARNING_INTERVAL = 10.0
+# When every backend of the set failed to connect for a request, the request tries them all again
+# after this pause, which doubles up to CONNECT_RETRY_MAX, until queue_timeout. QEMU's user network
+# listens with a backlog of 1 (`ss -ltn`), so a busy VM's forward drops SYNs and a connect times
+# out, while a connect a moment later succeeds.
+CONNECT_RETRY_INITIAL = 0.05
+CONNECT_RETRY_MAX = 1.0
 
 
 class WarningLimiter:
@@ -232,23 +238,51 @@ class Endpoint:
                 best_load = load
         return best
 
-    async def wait_for_backend(self, excluded: AbstractSet[BackendState], deadline: float) -> BackendState | None:
-        """Wait until set_backends() provides a backend that is not excluded, up to deadline (loop time)."""
+    async def wait_for_backend(self, choice: BackendChoice) -> BackendState | None:
+        """Wait for a backend the request or connection may try, after pick(choice.excluded) found none.
+
+        While the set is empty, waits for set_backends() to provide a backend. When every backend
+        of the set failed to connect, tries them all again after a pause that doubles up to
+        CONNECT_RETRY_MAX. Returns None once queue_timeout has passed since the first wait, or when
+        the endpoint stops.
+        """
+        loop = self.loop
+        if not choice.deadline:
+            choice.deadline = loop.time() + self.queue_timeout
         self._queued += 1
         try:
             while not self.stopping:
-                changed = self._backends_changed
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        await changed.wait()
-                except TimeoutError:
+                retry_at = choice.deadline
+                if choice.excluded and self._current:
+                    pause = min(CONNECT_RETRY_MAX, CONNECT_RETRY_INITIAL * 2**choice.rounds)
+                    retry_at = min(retry_at, loop.time() + pause)
+                state = await self._wait_for_change(choice.excluded, retry_at)
+                if state is not None:
+                    return state
+                if self.stopping or loop.time() >= choice.deadline:
                     return None
-                state = self.pick(excluded)
+                choice.excluded.clear()
+                choice.rounds += 1
+                state = self.pick(choice.excluded)
                 if state is not None:
                     return state
             return None
         finally:
             self._queued -= 1
+
+    async def _wait_for_change(self, excluded: AbstractSet[BackendState], until: float) -> BackendState | None:
+        """Wait until set_backends() provides a backend that is not excluded, up to `until` (loop time)."""
+        while not self.stopping:
+            changed = self._backends_changed
+            try:
+                async with asyncio.timeout_at(until):
+                    await changed.wait()
+            except TimeoutError:
+                return None
+            state = self.pick(excluded)
+            if state is not None:
+                return state
+        return None
 
     def _wake_waiters(self) -> None:
         changed, self._backends_changed = self._backends_changed, asyncio.Event()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from osvm.endpoints.backends import Backend, BackendState
+from osvm.endpoints.backends import Backend, BackendChoice, BackendState
 from osvm.endpoints.tunnel import Tunnel, TunnelEnd, set_nodelay
 from osvm.endpoints.upstream import FAILED, RESPONSE_DONE, UPGRADED, UpstreamConnection
 
@@ -487,22 +487,20 @@ class HttpClientProtocol(asyncio.Protocol):
     async def _connect_and_send(self, request: HttpRequest, state: BackendState | None, fresh_only: bool) -> None:
         """Find a backend and a connection for the request, then send it.
 
-        Waits up to queue_timeout for a backend, and tries other backends of the current set
-        when a connect fails. `state` is a backend already picked, and fresh_only skips the pool.
+        Waits up to queue_timeout for a backend. When a connect fails it tries the other backends
+        of the current set, and all of them again after a pause (Endpoint.wait_for_backend).
+        `state` is a backend already picked, and fresh_only skips the pool.
         """
         endpoint = self.endpoint
-        excluded: set[BackendState] = set()
-        deadline = 0.0
-        connect_failure = ""
+        choice = BackendChoice()
+        excluded = choice.excluded
         while True:
             if state is None:
                 state = endpoint.pick(excluded)
             if state is None:
-                if not deadline:
-                    deadline = endpoint.loop.time() + endpoint.queue_timeout
-                state = await endpoint.wait_for_backend(excluded, deadline)
+                state = await endpoint.wait_for_backend(choice)
                 if state is None:
-                    self._finish_request(self._respond_unavailable(request, connect_failure))
+                    self._finish_request(self._respond_unavailable(request, choice.failure))
                     return
 
             # Registered before the connect, so drain() waits for this request too.
@@ -515,7 +513,7 @@ class HttpClientProtocol(asyncio.Protocol):
                     upstream = await endpoint.connect_http(state)
                 except (OSError, TimeoutError) as exc:
                     state.release_exchange(self)
-                    connect_failure = endpoint.record_connect_failure(state, exc)
+                    choice.failure = endpoint.record_connect_failure(state, exc)
                     excluded.add(state)
                     state = None
                     continue

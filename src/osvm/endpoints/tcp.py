@@ -3,7 +3,7 @@
 import asyncio
 from typing import TYPE_CHECKING
 
-from osvm.endpoints.backends import BackendState
+from osvm.endpoints.backends import BackendChoice
 from osvm.endpoints.tunnel import Tunnel, TunnelEnd
 
 if TYPE_CHECKING:
@@ -67,17 +67,13 @@ class TcpClientProtocol(TunnelEnd):
     async def _connect(self) -> None:
         """Connect to a backend of the current set, trying others on failure, then start the tunnel."""
         endpoint = self.endpoint
-        excluded: set[BackendState] = set()
-        deadline = 0.0
-        connect_failure = ""
+        choice = BackendChoice()
         while not self.closed:
-            state = endpoint.pick(excluded)
+            state = endpoint.pick(choice.excluded)
             if state is None:
-                if not deadline:
-                    deadline = endpoint.loop.time() + endpoint.queue_timeout
-                state = await endpoint.wait_for_backend(excluded, deadline)
+                state = await endpoint.wait_for_backend(choice)
                 if state is None:
-                    self._give_up(connect_failure)
+                    self._give_up(choice.failure)
                     return
 
             # The tunnel registers as long-lived now, so drain() waits for the connect too.
@@ -86,8 +82,8 @@ class TcpClientProtocol(TunnelEnd):
                 await endpoint.connect_tunnel(tunnel)
             except (OSError, TimeoutError) as exc:
                 tunnel.abandon()
-                connect_failure = endpoint.record_connect_failure(state, exc)
-                excluded.add(state)
+                choice.failure = endpoint.record_connect_failure(state, exc)
+                choice.excluded.add(state)
                 continue
             except asyncio.CancelledError:
                 tunnel.close()
