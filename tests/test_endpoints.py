@@ -1040,6 +1040,40 @@ async def test_invalid_listen_address_raises(listen):
         await endpoint.start()
 
 
+async def test_released_listener_serves_next_endpoint():
+    async with named_backends("a") as (server,):
+        old = Endpoint("rpc", make_spec())
+        await old.start()
+        old.set_backends([server.backend])
+        async with http_client(old) as client:
+            first = await client.get("/name")
+            assert first.headers.get("connection") != "close"
+
+            descriptor = old.release_listener()
+            # The pooled connection's next request is still answered, and told to close.
+            second = await client.get("/name")
+            assert second.status_code == 200
+            assert second.headers["connection"] == "close"
+            finishing = asyncio.create_task(old.finish_clients(DEADLINE))
+
+            # A new connection waits in the accept queue until the next endpoint accepts it.
+            third = asyncio.create_task(client.get("/name"))
+            await asyncio.sleep(0.2)
+            assert not third.done()
+            following = Endpoint("rpc", make_spec(listen=old.listen_address))
+            await following.start(socket.socket(fileno=descriptor))
+            try:
+                following.set_backends([server.backend])
+                response = await third
+                await finishing
+            finally:
+                await following.stop()
+    assert response.status_code == 200
+    assert response.text == "a"
+    assert following.listen_address == old.listen_address
+    assert old.clients == set()
+
+
 async def test_stop_closes_client_connections():
     async with echo_servers("a") as (server,):
         endpoint = Endpoint("rpc", make_spec(mode="tcp"))

@@ -589,6 +589,22 @@ def test_daemon_restart_keeps_ca(osvm: Osvm) -> None:
     assert attempt.body == b"ok"
 
 
+def test_daemon_restart_command_keeps_tls_listener(osvm: Osvm) -> None:
+    port = start_mutual_tls(osvm)
+    credentials = instance_credentials(osvm, "indexer")
+    assert https_get(port, osvm.ca_dir / ROOT_CERT_FILE, credentials).status == 200
+
+    osvm.cli("daemon-restart")
+
+    # Right away: the connection waits in the accept queue if the endpoint has not started yet.
+    attempt = https_get(port, osvm.ca_dir / ROOT_CERT_FILE, credentials)
+    assert attempt.error == ""
+    assert attempt.status == 200
+    assert attempt.body == b"ok"
+    started = [event for event in osvm.cli_events() if event["kind"] == "daemon.started"]
+    assert "1 endpoint listening sockets kept" in started[-1]["reason"]
+
+
 def test_offline_root_key(osvm: Osvm, tmp_path: Path) -> None:
     root_out = tmp_path / "offline-root"
     root_out.mkdir(mode=0o700)

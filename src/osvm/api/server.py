@@ -65,6 +65,7 @@ class ApiServer:
                 web.post("/v1/down", self.down),
                 web.get("/v1/events", self.events),
                 web.post("/v1/shutdown", self.shutdown),
+                web.post("/v1/restart", self.restart),
                 web.get("/metrics", self.metrics),
             ]
         )
@@ -362,6 +363,11 @@ class ApiServer:
         await request.read()
         self.daemon.request_shutdown("shutdown requested through the API")
         return web.json_response({"shutting_down": True})
+
+    async def restart(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.daemon.request_restart("restart requested through the API")
+        return web.json_response({"restarting": True, "started_at": self.daemon.started_at})
 
     # --- helpers -----------------------------------------------------------------------------
 

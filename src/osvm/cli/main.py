@@ -210,6 +210,35 @@ def cmd_down(args: argparse.Namespace) -> int:
     return OK
 
 
+def cmd_daemon_restart(args: argparse.Namespace) -> int:
+    client = _client(args)
+    before = client.get("/v1/ping")
+    client.post("/v1/restart")
+    deadline = time.monotonic() + args.timeout
+    after = None
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            ping = client.get("/v1/ping")
+        except ClientError:
+            # The control socket is away while the daemon executes itself again.
+            continue
+        if ping["started_at"] != before["started_at"]:
+            after = ping
+            break
+    if after is None:
+        _error(
+            f"the daemon did not respond again within {args.timeout:g} s after the restart: "
+            f"read {paths.daemon_log_path(_state_dir(args))} or the service's log for its errors"
+        )
+        return FAILED
+    if args.json:
+        _print_json({"before": before, "after": after})
+    else:
+        print(f"daemon restarted: pid {after['pid']}, osvm {before['version']} -> {after['version']}")
+    return OK
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.abort:
@@ -718,6 +747,16 @@ def _build_parser() -> argparse.ArgumentParser:
     down = commands.add_parser("down", parents=[common], help="stop and remove every component")
     down.add_argument("--daemon", action="store_true", help="also stop the daemon")
     down.set_defaults(handler=cmd_down)
+
+    daemon_restart = commands.add_parser(
+        "daemon-restart",
+        parents=[common],
+        help="execute the running daemon again, to load an upgraded osvm: endpoints keep listening and instances keep running",
+    )
+    daemon_restart.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for the restarted daemon to respond (default 60)"
+    )
+    daemon_restart.set_defaults(handler=cmd_daemon_restart)
 
     deploy = commands.add_parser(
         "deploy",

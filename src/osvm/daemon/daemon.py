@@ -12,6 +12,7 @@ from typing import Any
 
 from osvm import paths
 from osvm.api.server import ApiServer
+from osvm.daemon import handover
 from osvm.deploy.manager import DeployError, DeployManager
 from osvm.logs.files import LogRotator
 from osvm.metrics.registry import Metrics
@@ -24,6 +25,10 @@ from osvm.store import Store
 from osvm.store.events import EventBus
 
 logger = logging.getLogger("osvm.daemon")
+
+# At a daemon restart, requests in flight on the endpoints get this long to complete before
+# the daemon closes their connections and executes itself again.
+RESTART_DRAIN_TIMEOUT = 10.0
 
 
 class DaemonError(Exception):
@@ -48,6 +53,10 @@ class Daemon:
         self._shutdown = asyncio.Event()
         self._shutdown_reason = ""
         self._lock_file: Any = None
+        # Set by request_restart(): after run() returns, run_daemon() executes the daemon again
+        # with these (component, listen, descriptor) listening sockets.
+        self.restart_requested = False
+        self.released_listeners: list[tuple[str, str, int]] = []
 
     async def run(self) -> None:
         """Run until SIGTERM, SIGINT or a shutdown request. Instances keep running for the next daemon."""
@@ -77,15 +86,19 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_shutdown, f"received {sig.name}")
+        loop.add_signal_handler(signal.SIGHUP, self.request_restart, "received SIGHUP")
         # pyroute2 forks helper processes to enter network namespaces and ends them with SIGTERM.
         # A forked child shares the event loop's signal wake-up socket, so without this its
         # SIGTERM would reach the loop as the daemon's own and shut the daemon down.
         os.register_at_fork(after_in_child=_drop_signal_wakeup)
 
+        inherited = handover.take_inherited()
+        self.reconciler.inherited_listeners = inherited
+        inherited_note = f", {len(inherited)} endpoint listening sockets kept from the previous process" if inherited else ""
         self.events.publish(
             "daemon.started",
             f"osvm daemon pid {os.getpid()} started on {self.state_dir} "
-            f"(isolation {'on' if self.runtime.isolated else 'OFF'}, cgroups {self.runtime.cgroup_layout or 'off'})",
+            f"(isolation {'on' if self.runtime.isolated else 'OFF'}, cgroups {self.runtime.cgroup_layout or 'off'}{inherited_note})",
         )
         await self.reconciler.recover()
         await self.deployer.recover()
@@ -104,28 +117,46 @@ class Daemon:
         try:
             await self._shutdown.wait()
         finally:
-            self.events.publish("daemon.stopping", f"{self._shutdown_reason}: instances keep running and are adopted at the next start")
+            if self.restart_requested:
+                # First, so that new connections wait in the accept queues for the next process.
+                self.released_listeners = self.reconciler.release_listeners()
+                self.events.publish(
+                    "daemon.restarting",
+                    f"{self._shutdown_reason}: executing the daemon again; {len(self.released_listeners)} endpoints "
+                    f"keep listening and instances keep running",
+                )
+            else:
+                self.events.publish("daemon.stopping", f"{self._shutdown_reason}: instances keep running and are adopted at the next start")
             await self.api.stop()
             await self.deployer.shutdown()
             await self.certificates.shutdown()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self.reconciler.stop_endpoints()
+            if self.restart_requested:
+                await self.reconciler.finish_endpoints(RESTART_DRAIN_TIMEOUT)
+            else:
+                await self.reconciler.stop_endpoints()
             await self._detach_supervisors()
             if not self.store.live_instances():
                 # Nothing to adopt later, so the empty cgroup parent of this state directory can go.
                 self.runtime.remove_cgroup_parent()
             self.store.close()
-            # The file stays, because a new daemon may already wait on its lock; the pid goes.
-            self._lock_file.seek(0)
-            self._lock_file.truncate()
-            self._lock_file.flush()
+            if not self.restart_requested:
+                # The file stays, because a new daemon may already wait on its lock; the pid goes.
+                self._lock_file.seek(0)
+                self._lock_file.truncate()
+                self._lock_file.flush()
             logger.info("daemon stopped")
 
     def request_shutdown(self, reason: str) -> None:
         self._shutdown_reason = reason
         self._shutdown.set()
+
+    def request_restart(self, reason: str) -> None:
+        """Stop as for a shutdown, then execute the daemon again with the endpoints' listening sockets."""
+        self.restart_requested = True
+        self.request_shutdown(reason)
 
     def _add_microvm_runtime(self) -> None:
         """Offer runtime "microvm" when QEMU is installed, and log the reason when it is not."""
@@ -225,6 +256,12 @@ class Daemon:
         self._lock_file.write(f"{os.getpid()}\n")
         self._lock_file.flush()
 
+    def close_lock(self) -> None:
+        """Release the state directory's lock, which the executed daemon takes again."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
     def _live_log_paths(self) -> list[Path]:
         return [supervisor.plan.log_path for supervisor in self.reconciler.supervisors.values() if not supervisor.done]
 
@@ -255,6 +292,16 @@ def run_daemon(state_dir: Path, isolation: bool | None, subnet_pool: str, metric
     except DaemonError as error:
         logger.error("%s", error)
         return 1
+    if daemon.restart_requested:
+        daemon.close_lock()
+        try:
+            handover.reexec(daemon.released_listeners)
+        except OSError as error:
+            logger.error(
+                "cannot execute the daemon again: %s: the endpoints stopped; start the daemon by hand, and it adopts the instances",
+                error,
+            )
+            return 1
     return 0
 
 

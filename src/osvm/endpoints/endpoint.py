@@ -2,6 +2,8 @@
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import Set as AbstractSet
 
@@ -9,7 +11,7 @@ from osvm.config import models
 from osvm.endpoints.backends import Backend, BackendChoice, BackendState, format_host_port
 from osvm.endpoints.http import HttpClientProtocol
 from osvm.endpoints.tls import EndpointTls, TlsListener, bind_tls_listener
-from osvm.endpoints.listener import EndpointError, bind_tcp, bind_unix, parse_listen, remove_socket_file
+from osvm.endpoints.listener import BACKLOG, EndpointError, bind_tcp, bind_unix, parse_listen, remove_socket_file
 from osvm.endpoints.tcp import TcpClientProtocol
 from osvm.endpoints.tunnel import Tunnel
 from osvm.endpoints.upstream import UpstreamConnection
@@ -30,6 +32,10 @@ WARNING_INTERVAL = 10.0
 # out, while a connect a moment later succeeds.
 CONNECT_RETRY_INITIAL = 0.05
 CONNECT_RETRY_MAX = 1.0
+# After release_listener(), idle client connections may send one more request for this long.
+# Closing a keep-alive connection races with a request the client sends on it at that moment, so
+# the proxy waits for that request, responds to it with "Connection: close", and closes only then.
+HANDOVER_IDLE_GRACE = 1.0
 
 
 class WarningLimiter:
@@ -79,6 +85,8 @@ class Endpoint:
         # Client connections: HttpClientProtocol until a WebSocket upgrade, or TcpClientProtocol.
         self.clients: set[HttpClientProtocol | TcpClientProtocol] = set()
         self.stopping = False
+        # Set by release_listener(): every response from then on closes its client connection.
+        self.handing_over = False
 
         self._least_connections = spec.balance == "least_connections"
         self._backends: list[Backend] = []
@@ -96,8 +104,12 @@ class Endpoint:
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Bind the listen address and start accepting connections. Raises EndpointError when binding fails."""
+    async def start(self, inherited: socket.socket | None = None) -> None:
+        """Bind the listen address and start accepting connections. Raises EndpointError when binding fails.
+
+        `inherited` is a listening socket for the same address from the previous daemon process,
+        which is used instead of binding again.
+        """
         if self._server is not None:
             raise EndpointError(f"the endpoint of {self.component} on {self.listen_address} is already started")
         self.loop = asyncio.get_running_loop()
@@ -110,7 +122,9 @@ class Endpoint:
             return protocol_class(self)
 
         address = parse_listen(self.spec.listen)
-        if self.tls is not None:
+        if inherited is not None:
+            await self._serve_inherited(inherited, address.path, factory)
+        elif self.tls is not None:
             if address.is_unix:
                 raise EndpointError(f"TLS needs a TCP listen address, not {self.spec.listen}: use host:port or tls = \"none\"")
             sock = bind_tls_listener(address.host, address.port, self.spec.listen)
@@ -131,6 +145,67 @@ class Endpoint:
             "endpoint %s: listening on %s (%s mode, %s)",
             self.component, self.listen_address, self.spec.mode, self.spec.balance,
         )
+
+    async def _serve_inherited(self, sock: socket.socket, path: str, factory) -> None:
+        """Accept connections on a listening socket from the previous daemon process."""
+        sock.setblocking(False)
+        if self.tls is not None:
+            listener = TlsListener(sock, self.tls, factory)
+            listener.start()
+            self._server = listener  # type: ignore[assignment]
+        elif path:
+            self._server = await self.loop.create_unix_server(factory, sock=sock, backlog=BACKLOG)
+            file_status = os.stat(path)
+            self._socket_identity = (file_status.st_dev, file_status.st_ino)
+        else:
+            self._server = await self.loop.create_server(factory, sock=sock, backlog=BACKLOG)
+        if not path:
+            bound = sock.getsockname()
+            self.listen_address = format_host_port(bound[0], bound[1])
+        self.logger.info("endpoint %s: took over the listening socket of %s from the previous daemon", self.component, self.listen_address)
+
+    def release_listener(self) -> int:
+        """Stop accepting and return a duplicate of the listening socket's descriptor, for the next daemon.
+
+        Connections that arrive afterwards wait in the kernel's accept queue. The socket file of a
+        Unix socket endpoint stays. Call finish_clients() next.
+        """
+        server = self._server
+        assert server is not None, "the endpoint is not started"
+        descriptor = os.dup(server.sockets[0].fileno())
+        self.handing_over = True
+        # stop() must not remove the socket file, which the next daemon keeps serving.
+        self._socket_identity = (-1, -1)
+        server.close()
+        return descriptor
+
+    async def finish_clients(self, timeout: float) -> None:
+        """Finish the client connections after release_listener(), then stop.
+
+        Requests in flight get their responses with "Connection: close". An idle HTTP connection
+        may send one more request for HANDOVER_IDLE_GRACE. Tunnels (TCP mode and WebSocket) are
+        closed at once, and whatever is still open after `timeout` is closed by stop().
+        """
+        loop = self.loop
+        idle_deadline = loop.time() + HANDOVER_IDLE_GRACE
+        deadline = loop.time() + timeout
+        for client in list(self.clients):
+            if isinstance(client, HttpClientProtocol):
+                client.close_after_response()
+            else:
+                client.close_for_stop()
+        while self.clients and loop.time() < deadline:
+            if loop.time() >= idle_deadline:
+                for client in list(self.clients):
+                    if isinstance(client, HttpClientProtocol) and not client.busy:
+                        client.close_for_stop()
+            await asyncio.sleep(0.02)
+        if self.clients:
+            self.logger.warning(
+                "endpoint %s: %d client connections still open after %gs of the daemon restart: closing them",
+                self.component, len(self.clients), timeout,
+            )
+        await self.stop()
 
     async def stop(self) -> None:
         """Close the listener and every client, upstream and tunnelled connection."""
@@ -161,7 +236,10 @@ class Endpoint:
         address = parse_listen(self.spec.listen)
         if address.is_unix:
             remove_socket_file(address.path, self._socket_identity)
-        self.logger.info("endpoint %s: stopped listening on %s", self.component, self.listen_address)
+        if self.handing_over:
+            self.logger.info("endpoint %s: closed its connections; the next daemon serves %s", self.component, self.listen_address)
+        else:
+            self.logger.info("endpoint %s: stopped listening on %s", self.component, self.listen_address)
 
     # --- backends ---------------------------------------------------------------------------
 

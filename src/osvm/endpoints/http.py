@@ -236,6 +236,16 @@ class HttpClientProtocol(asyncio.Protocol):
         if upstream is not None and not upstream.result:
             upstream.abort("the instance was drained before the response was complete")
 
+    def close_after_response(self) -> None:
+        """Close the connection after the response in progress, or after the next one when idle.
+
+        The responses not yet started carry "Connection: close", so the client sends no more requests.
+        """
+        if self.current is not None:
+            self.current.keep_alive = False
+        for request in self.queue:
+            request.keep_alive = False
+
     def close_for_stop(self) -> "asyncio.Task[None] | None":
         """Cancel the request's task, close the connection and return the task for the caller to await."""
         task = self.task
@@ -287,7 +297,7 @@ class HttpClientProtocol(asyncio.Protocol):
         method = parser.get_method()
         request.method = method
         request.http10 = parser.get_http_version() == "1.0"
-        request.keep_alive = parser.should_keep_alive()
+        request.keep_alive = parser.should_keep_alive() and not self.endpoint.handing_over
         request.is_head = method == b"HEAD"
         self._encode_head(request)
 
@@ -597,7 +607,7 @@ class HttpClientProtocol(asyncio.Protocol):
         self.busy = False
         if self.closed or self.upgraded:
             return
-        if not keep_open or (self.client_eof and not self.queue):
+        if not keep_open or self.endpoint.handing_over or (self.client_eof and not self.queue):
             self.closing = True
             self.transport.close()
             return

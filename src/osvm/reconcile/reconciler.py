@@ -12,12 +12,14 @@ import re
 import resource
 import shutil
 import secrets
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from osvm import paths
 from osvm.config.models import STORED_REVISION, Component, Deployment, Policy
+from osvm.daemon.handover import InheritedListener
 from osvm.endpoints import Backend, Endpoint, EndpointError
 from osvm.endpoints.tls import EndpointTls
 from osvm.reconcile import allocations
@@ -82,6 +84,8 @@ class Reconciler:
         self.environ = dict(environ or {})
         self.supervisors: dict[str, InstanceSupervisor] = {}
         self.endpoints: dict[str, Endpoint] = {}
+        # Set by the daemon after a restart: the endpoints' listening sockets from the previous process.
+        self.inherited_listeners: dict[str, InheritedListener] = {}
         self._specs: dict[tuple[str, int], Component] = {}
         self.policy = PolicyEngine(Policy())
         self._load_policy()
@@ -285,6 +289,8 @@ class Reconciler:
                     await self._converge_running(component.name, component.revision)
                     # Let supervisors and the API run between components of a large deployment.
                     await asyncio.sleep(0)
+            if self.inherited_listeners:
+                self._close_unclaimed_listeners()
 
     async def recover(self) -> None:
         """Adopt the instances a previous daemon left running, or clean them up for replacement."""
@@ -542,6 +548,7 @@ class Reconciler:
         if spec.endpoint is None:
             if existing is not None:
                 await self._stop_endpoint(name)
+            self._take_inherited_listener(name, "")
             return
         if existing is not None and existing.spec == spec.endpoint:
             return
@@ -555,9 +562,12 @@ class Reconciler:
             self.events.publish("endpoint.failed", message, name, level=logging.ERROR)
             raise ApplyError(message) from None
         endpoint = Endpoint(name, spec.endpoint, logger.getChild(f"endpoint.{name}"), tls)
+        inherited = self._take_inherited_listener(name, spec.endpoint.listen)
         try:
-            await endpoint.start()
+            await endpoint.start(inherited)
         except EndpointError as error:
+            if inherited is not None:
+                inherited.close()
             self.store.set_component_status(name, "failed", str(error))
             self.events.publish("endpoint.failed", str(error), name, level=logging.ERROR)
             raise ApplyError(str(error)) from None
@@ -611,6 +621,41 @@ class Reconciler:
     async def stop_endpoints(self) -> None:
         for name in list(self.endpoints):
             await self._stop_endpoint(name)
+
+    def release_listeners(self) -> list[tuple[str, str, int]]:
+        """Stop every endpoint accepting, and return (component, listen, descriptor) for the next daemon process."""
+        released = []
+        for name, endpoint in self.endpoints.items():
+            released.append((name, endpoint.spec.listen, endpoint.release_listener()))
+        return released
+
+    async def finish_endpoints(self, timeout: float) -> None:
+        """Finish the client connections of every endpoint after release_listeners(), up to timeout seconds."""
+        endpoints, self.endpoints = self.endpoints, {}
+        await asyncio.gather(*(endpoint.finish_clients(timeout) for endpoint in endpoints.values()))
+
+    def _take_inherited_listener(self, name: str, listen: str) -> socket.socket | None:
+        """Return the inherited listening socket of the endpoint of `name` if it is for `listen`, else None."""
+        inherited = self.inherited_listeners.pop(name, None)
+        if inherited is None:
+            return None
+        if inherited.listen != listen:
+            now = f"endpoint.listen is now {listen}" if listen else "the component has no endpoint now"
+            logger.info("endpoint %s: closed the listening socket of %s from the previous daemon: %s", name, inherited.listen, now)
+            inherited.sock.close()
+            return None
+        return inherited.sock
+
+    def _close_unclaimed_listeners(self) -> None:
+        """Close the inherited listening sockets of components that no longer run."""
+        for name, inherited in list(self.inherited_listeners.items()):
+            component = self.store.component(name)
+            if component is not None and component.desired == RUNNING:
+                # The endpoint starts on it once the component converges.
+                continue
+            logger.info("endpoint %s: closed the listening socket of %s from the previous daemon: the component no longer runs", name, inherited.listen)
+            inherited.sock.close()
+            del self.inherited_listeners[name]
 
     def _runtime_of(self, record: InstanceRecord) -> Runtime:
         runtime = self.runtimes.get(record.runtime)
