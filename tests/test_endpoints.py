@@ -1050,7 +1050,7 @@ async def test_released_listener_serves_next_endpoint():
             assert first.headers.get("connection") != "close"
 
             descriptor = old.release_listener()
-            # The pooled connection's next request is still answered, and told to close.
+            # The pooled connection's next request still gets a response, with "Connection: close".
             second = await client.get("/name")
             assert second.status_code == 200
             assert second.headers["connection"] == "close"
@@ -1072,6 +1072,56 @@ async def test_released_listener_serves_next_endpoint():
     assert response.text == "a"
     assert following.listen_address == old.listen_address
     assert old.clients == set()
+
+
+async def test_released_listener_completes_started_response():
+    head_sent = asyncio.Event()
+    finish = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Send /held's head and half its body, and the rest once `finish` is set. Respond "ok" to other requests."""
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET /held "):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nhe")
+                    await writer.drain()
+                    head_sent.set()
+                    await finish.wait()
+                    writer.write(b"ld")
+                else:
+                    writer.write(OK_RESPONSE)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, LOOPBACK, 0)
+    backend = Backend("a", LOOPBACK, server.sockets[0].getsockname()[1])
+    try:
+        async with running_endpoint([backend]) as endpoint:
+            async with http_client(endpoint) as client:
+                held = asyncio.create_task(client.get("/held"))
+                await asyncio.wait_for(head_sent.wait(), DEADLINE)
+                await wait_until(
+                    lambda: any(connection.upstream is not None and connection.upstream.headers_done for connection in endpoint.clients),
+                    "the head reaches the client",
+                )
+                descriptor = endpoint.release_listener()
+                finishing = asyncio.create_task(endpoint.finish_clients(DEADLINE))
+                finish.set()
+                first = await held
+                # The head announced keep-alive, so the connection stays for one more request.
+                second = await client.get("/other")
+                await finishing
+            os.close(descriptor)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert first.status_code == 200
+    assert first.text == "held"
+    assert first.headers.get("connection") != "close"
+    assert second.status_code == 200
+    assert second.headers["connection"] == "close"
 
 
 async def test_stop_closes_client_connections():

@@ -85,7 +85,7 @@ class Endpoint:
         # Client connections: HttpClientProtocol until a WebSocket upgrade, or TcpClientProtocol.
         self.clients: set[HttpClientProtocol | TcpClientProtocol] = set()
         self.stopping = False
-        # Set by release_listener(): every response from then on closes its client connection.
+        # Set by release_listener(): every response that starts from then on closes its client connection.
         self.handing_over = False
 
         self._least_connections = spec.balance == "least_connections"

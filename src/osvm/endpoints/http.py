@@ -237,9 +237,10 @@ class HttpClientProtocol(asyncio.Protocol):
             upstream.abort("the instance was drained before the response was complete")
 
     def close_after_response(self) -> None:
-        """Close the connection after the response in progress, or after the next one when idle.
+        """Make the next response that starts on this connection carry "Connection: close" and end it.
 
-        The responses not yet started carry "Connection: close", so the client sends no more requests.
+        A response whose head already went out with keep-alive completes as announced, and the
+        connection then waits for the client's next request, which gets the closing response.
         """
         if self.current is not None:
             self.current.keep_alive = False
@@ -607,7 +608,7 @@ class HttpClientProtocol(asyncio.Protocol):
         self.busy = False
         if self.closed or self.upgraded:
             return
-        if not keep_open or self.endpoint.handing_over or (self.client_eof and not self.queue):
+        if not keep_open or (self.client_eof and not self.queue):
             self.closing = True
             self.transport.close()
             return
