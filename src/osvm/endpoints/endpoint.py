@@ -176,7 +176,11 @@ class Endpoint:
         self.handing_over = True
         # stop() must not remove the socket file, which the next daemon keeps serving.
         self._socket_identity = (-1, -1)
-        server.close()
+        if isinstance(server, TlsListener):
+            # The connections in a handshake become clients, which finish_clients() serves.
+            server.stop_accepting()
+        else:
+            server.close()
         return descriptor
 
     async def finish_clients(self, timeout: float) -> None:

@@ -50,12 +50,16 @@ class TlsListener:
     def start(self) -> None:
         self._accepting = asyncio.get_running_loop().create_task(self._accept_loop(), name="tls-accept")
 
-    def close(self) -> None:
+    def stop_accepting(self) -> None:
+        """Stop accepting and close the listening socket, and let the handshakes in progress finish."""
         if self._accepting is not None:
             self._accepting.cancel()
+        self.sock.close()
+
+    def close(self) -> None:
+        self.stop_accepting()
         for task in list(self._handshakes):
             task.cancel()
-        self.sock.close()
 
     async def wait_closed(self) -> None:
         tasks = [task for task in (self._accepting, *self._handshakes) if task is not None]
