@@ -32,7 +32,7 @@ WARNING_INTERVAL = 10.0
 # out, while a connect a moment later succeeds.
 CONNECT_RETRY_INITIAL = 0.05
 CONNECT_RETRY_MAX = 1.0
-# After release_listener(), idle client connections may send one more request for this long.
+# After release_listener(), an idle client connection may send one more request within this long.
 # Closing a keep-alive connection races with a request the client sends on it at that moment, so
 # the proxy waits for that request, responds to it with "Connection: close", and closes only then.
 HANDOVER_IDLE_GRACE = 1.0
@@ -187,11 +187,10 @@ class Endpoint:
         """Finish the client connections after release_listener(), then stop.
 
         Requests in flight get their responses with "Connection: close". An idle HTTP connection
-        may send one more request for HANDOVER_IDLE_GRACE. Tunnels (TCP mode and WebSocket) are
+        may send one more request within HANDOVER_IDLE_GRACE of its last response. Tunnels (TCP mode and WebSocket) are
         closed at once, and whatever is still open after `timeout` is closed by stop().
         """
         loop = self.loop
-        idle_deadline = loop.time() + HANDOVER_IDLE_GRACE
         deadline = loop.time() + timeout
         for client in list(self.clients):
             if isinstance(client, HttpClientProtocol):
@@ -199,10 +198,10 @@ class Endpoint:
             else:
                 client.close_for_stop()
         while self.clients and loop.time() < deadline:
-            if loop.time() >= idle_deadline:
-                for client in list(self.clients):
-                    if isinstance(client, HttpClientProtocol) and not client.busy:
-                        client.close_for_stop()
+            idle_before = loop.time() - HANDOVER_IDLE_GRACE
+            for client in list(self.clients):
+                if isinstance(client, HttpClientProtocol) and not client.busy and client.idle_since <= idle_before:
+                    client.close_for_stop()
             await asyncio.sleep(0.02)
         if self.clients:
             self.logger.warning(

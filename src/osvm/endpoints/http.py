@@ -131,7 +131,7 @@ class HttpClientProtocol(asyncio.Protocol):
         "endpoint", "transport", "parser", "client_ip", "queue", "request", "last_request", "continuation",
         "skip_head", "stopped_parsing", "hold", "reading_paused", "task", "busy", "current", "state",
         "reused", "retried", "pending_continue", "closed", "closing", "client_eof", "upgraded",
-        "write_paused", "upstream", "drained", "linger_timer",
+        "write_paused", "upstream", "drained", "linger_timer", "idle_since",
     )
 
     def __init__(self, endpoint: "Endpoint") -> None:
@@ -176,11 +176,14 @@ class HttpClientProtocol(asyncio.Protocol):
         self.upstream: UpstreamConnection | None = None
         self.drained = False
         self.linger_timer: asyncio.TimerHandle | None = None
+        # Loop time when the connection was opened or, during a daemon restart, last finished a response.
+        self.idle_since = 0.0
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        self.idle_since = self.endpoint.loop.time()
         set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
@@ -246,6 +249,7 @@ class HttpClientProtocol(asyncio.Protocol):
             self.current.keep_alive = False
         for request in self.queue:
             request.keep_alive = False
+        self.idle_since = self.endpoint.loop.time()
 
     def close_for_stop(self) -> "asyncio.Task[None] | None":
         """Cancel the request's task, close the connection and return the task for the caller to await."""
@@ -612,6 +616,8 @@ class HttpClientProtocol(asyncio.Protocol):
             self.closing = True
             self.transport.close()
             return
+        if self.endpoint.handing_over:
+            self.idle_since = self.endpoint.loop.time()
         if request is not None and request.websocket and self.hold is not None:
             self._release_hold()
         if self.pending_continue is not None and not self.queue:
