@@ -602,7 +602,7 @@ def test_daemon_restart_command_keeps_tls_listener(osvm: Osvm) -> None:
     assert attempt.status == 200
     assert attempt.body == b"ok"
     started = [event for event in osvm.cli_events() if event["kind"] == "daemon.started"]
-    assert "1 endpoint listening sockets kept" in started[-1]["reason"]
+    assert "1 endpoint listening socket kept" in started[-1]["reason"]
 
 
 def test_offline_root_key(osvm: Osvm, tmp_path: Path) -> None:

@@ -4,10 +4,12 @@ Every error has one shape: {"error": {"message": "...", ...}} with an HTTP statu
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -17,6 +19,7 @@ from osvm import __version__, paths
 from osvm.config.load import ConfigError, issues_from_validation_error
 from osvm.config.models import Deployment
 from osvm.deploy.manager import DeployError
+from osvm.daemon.handover import MAX_RESTART_DRAIN_TIMEOUT, RESTART_DRAIN_TIMEOUT, check_installed_code
 from osvm.security.ca import CAError, CAExistsError, CertificateNotFound
 from osvm.metrics.registry import CONTENT_TYPE
 from osvm.logs.files import follow_log, read_logs
@@ -71,6 +74,9 @@ class ApiServer:
         )
         self._runner: web.AppRunner | None = None
         self._socket: tuple[Path, int] | None = None
+        # The handlers of `logs -f` and `events -f`, which stop() ends before it closes the server.
+        self._followers: set[asyncio.Task[Any]] = set()
+        self._stopping = False
         self._metrics_runner: web.AppRunner | None = None
 
     async def start(self, path: Path) -> None:
@@ -102,6 +108,10 @@ class ApiServer:
 
     async def stop(self) -> None:
         """Close the listener and remove the socket file, unless another daemon has replaced it."""
+        # A follower never ends on its own, and the server waits for its handlers before closing.
+        self._stopping = True
+        for task in list(self._followers):
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._metrics_runner is not None:
@@ -316,8 +326,9 @@ class ApiServer:
         try:
             await response.write(data)
             if request.query.get("follow") in ("1", "true"):
-                async for chunk in follow_log(path, offset):
-                    await response.write(chunk)
+                async with self._following():
+                    async for chunk in follow_log(path, offset):
+                        await response.write(chunk)
             await response.write_eof()
         except ConnectionError:
             # The client stopped following (Ctrl-C on `osvm logs -f`): a normal end of the stream.
@@ -340,11 +351,18 @@ class ApiServer:
                 for event in past:
                     await response.write(_ndjson(event.to_json()))
                     last_id = event.id
-                while queue is not None:
-                    event = await queue.get()
-                    if event.id <= last_id or (component and event.component != component):
-                        continue
-                    await response.write(_ndjson(event.to_json()))
+                if queue is not None:
+                    async with self._following():
+                        while True:
+                            event = await queue.get()
+                            if event.id <= last_id or (component and event.component != component):
+                                continue
+                            await response.write(_ndjson(event.to_json()))
+                    # stop() ended the follow: send the events published before it, such as daemon.stopping.
+                    while not queue.empty():
+                        event = queue.get_nowait()
+                        if event.id > last_id and (not component or event.component == component):
+                            await response.write(_ndjson(event.to_json()))
                 await response.write_eof()
             except ConnectionError:
                 # The client stopped following (Ctrl-C on `osvm events -f`): a normal end of the stream.
@@ -365,11 +383,43 @@ class ApiServer:
         return web.json_response({"shutting_down": True})
 
     async def restart(self, request: web.Request) -> web.Response:
-        await request.read()
-        self.daemon.request_restart("restart requested through the API")
-        return web.json_response({"restarting": True, "started_at": self.daemon.started_at})
+        body = await _json_body(request) if await request.read() else {}
+        force = body.get("force") is True
+        drain_timeout = body.get("drain_timeout", RESTART_DRAIN_TIMEOUT)
+        if not isinstance(drain_timeout, (int, float)) or not 0 < drain_timeout <= MAX_RESTART_DRAIN_TIMEOUT:
+            raise _HttpError(400, f"invalid drain_timeout {drain_timeout!r}: give seconds above 0 and at most {MAX_RESTART_DRAIN_TIMEOUT:g}")
+        rollouts = self.daemon.deployer.describe_running()
+        if rollouts and not force:
+            raise _HttpError(
+                409,
+                f"{'; '.join(rollouts)} in progress, which a restart rolls back: wait for it to end, or restart with --force",
+            )
+        problem = await check_installed_code()
+        if problem:
+            raise _HttpError(
+                500,
+                f"the daemon keeps running, because the installed osvm does not start: {problem}: "
+                f"fix the installation, then restart again",
+            )
+        self.daemon.request_restart("restart requested through the API", float(drain_timeout))
+        return web.json_response({"restarting": True, "started_at": self.daemon.started_at, "pid": os.getpid()})
 
     # --- helpers -----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _following(self) -> AsyncIterator[None]:
+        """Register the handler as a follower, and end its stream without an error when stop() cancels it."""
+        task = asyncio.current_task()
+        self._followers.add(task)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            # Cancelled by stop(): the handler goes on to end the stream.
+            task.uncancel()
+        finally:
+            self._followers.discard(task)
 
     def _require_component(self, name: str) -> None:
         if self.daemon.store.component(name) is None:

@@ -1,5 +1,6 @@
 """Client of the daemon's control API over its Unix socket."""
 
+import fcntl
 import json
 import os
 import subprocess
@@ -43,9 +44,24 @@ class Client:
         return True
 
     def ensure_daemon(self) -> bool:
-        """Start a background daemon on this state directory unless one is running; return True if started."""
+        """Start a background daemon on this state directory unless one is running; return True if started.
+
+        A daemon that holds the state directory's lock but does not respond yet, such as one that
+        restarts in place, is waited for instead of started again.
+        """
         if self.is_running():
             return False
+        holder = self.lock_holder()
+        if holder is not None:
+            deadline = time.monotonic() + DAEMON_START_TIMEOUT
+            while time.monotonic() < deadline:
+                if self.is_running():
+                    return False
+                time.sleep(0.1)
+            raise ClientError(
+                f"the daemon (pid {holder}) holds {self.state_dir} but timed out: no response on {self.socket} within "
+                f"{DAEMON_START_TIMEOUT:g} s: read its log, or stop it and run the command again"
+            )
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(paths.daemon_log_path(self.state_dir), "ab")
         subprocess.Popen(
@@ -105,10 +121,30 @@ class Client:
         return response.json()
 
     def _unreachable(self, error: Exception) -> str:
+        holder = self.lock_holder()
+        if holder is not None:
+            return (
+                f"the osvm daemon (pid {holder}) holds {self.state_dir} but does not respond on {self.socket} "
+                f"({error}): it may be restarting, so run the command again in a few seconds"
+            )
         return (
             f"cannot reach the osvm daemon on {self.socket} ({error}): start it with `osvm daemon` "
             f"or `osvm up FILE`, and check --state-dir"
         )
+
+    def lock_holder(self) -> str | None:
+        """Return the pid (as written, or "unknown") of the daemon that locks the state directory, or None."""
+        try:
+            with open(paths.pid_path(self.state_dir)) as pid_file:
+                try:
+                    fcntl.flock(pid_file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return pid_file.read().strip() or "unknown"
+                fcntl.flock(pid_file, fcntl.LOCK_UN)
+        except OSError:
+            # No pid file, or one this user cannot read: no daemon is known to hold the directory.
+            return None
+        return None
 
 
 def _error_message(response: httpx.Response) -> str:

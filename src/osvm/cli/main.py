@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -213,11 +214,17 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_daemon_restart(args: argparse.Namespace) -> int:
     client = _client(args)
     before = client.get("/v1/ping")
-    client.post("/v1/restart")
-    deadline = time.monotonic() + args.timeout
+    client.post("/v1/restart", {"force": args.force, "drain_timeout": args.drain_timeout})
+    pid = before["pid"]
+    log_hint = f"read {paths.daemon_log_path(_state_dir(args))} or the service's log for its errors"
+
+    deadline = time.monotonic() + args.drain_timeout + args.timeout
     after = None
     while time.monotonic() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.1)
+        if not _process_exists(pid):
+            _error(f"the daemon (pid {pid}) exited during the restart, so its endpoints are down: {log_hint}")
+            return FAILED
         try:
             ping = client.get("/v1/ping")
         except ClientError:
@@ -226,11 +233,14 @@ def cmd_daemon_restart(args: argparse.Namespace) -> int:
         if ping["started_at"] != before["started_at"]:
             after = ping
             break
+
     if after is None:
         _error(
-            f"the daemon did not respond again within {args.timeout:g} s after the restart: "
-            f"read {paths.daemon_log_path(_state_dir(args))} or the service's log for its errors"
+            f"the daemon did not respond again within {args.drain_timeout + args.timeout:g} s after the restart: {log_hint}"
         )
+        return FAILED
+    if after["pid"] != pid:
+        _error(f"another daemon (pid {after['pid']}) took over the state directory from pid {pid}: {log_hint}")
         return FAILED
     if args.json:
         _print_json({"before": before, "after": after})
@@ -655,6 +665,32 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(_state_dir(args))
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}: write a number such as 10") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}: give a number above 0 and at most 3600")
+    return value
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # The daemon runs as another user, which a CLI without root may not signal.
+        return True
+    try:
+        # A daemon that exited stays a zombie until its parent reaps it, which may never happen.
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
 
@@ -752,9 +788,27 @@ def _build_parser() -> argparse.ArgumentParser:
         "daemon-restart",
         parents=[common],
         help="execute the running daemon again, to load an upgraded osvm: endpoints keep listening and instances keep running",
+        description=(
+            "Restart the daemon in place, with the same pid, after checking that the installed osvm starts. "
+            "Endpoints keep their listening sockets, so new connections wait instead of being refused, "
+            "for as long as the slowest request in flight takes (at most --drain-timeout) plus the start "
+            "of the new process. TCP-mode and WebSocket connections are closed."
+        ),
     )
     daemon_restart.add_argument(
-        "--timeout", type=float, default=60.0, help="seconds to wait for the restarted daemon to respond (default 60)"
+        "--drain-timeout",
+        type=_positive_seconds,
+        default=10.0,
+        help="seconds requests in flight get to complete; those still running then get 502 (default 10)",
+    )
+    daemon_restart.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=60.0,
+        help="seconds to wait, after the drain, for the restarted daemon to respond (default 60)",
+    )
+    daemon_restart.add_argument(
+        "--force", action="store_true", help="restart even while a rollout runs, which rolls the rollout back"
     )
     daemon_restart.set_defaults(handler=cmd_daemon_restart)
 

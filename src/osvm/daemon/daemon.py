@@ -26,10 +26,6 @@ from osvm.store.events import EventBus
 
 logger = logging.getLogger("osvm.daemon")
 
-# At a daemon restart, requests in flight on the endpoints get this long to complete before
-# the daemon closes their connections and executes itself again.
-RESTART_DRAIN_TIMEOUT = 10.0
-
 
 class DaemonError(Exception):
     """The daemon cannot start. The message gives the reason and the fix."""
@@ -53,9 +49,11 @@ class Daemon:
         self._shutdown = asyncio.Event()
         self._shutdown_reason = ""
         self._lock_file: Any = None
+        self._restart_check: asyncio.Task[None] | None = None
         # Set by request_restart(): after run() returns, run_daemon() executes the daemon again
         # with these (component, listen, descriptor) listening sockets.
         self.restart_requested = False
+        self.restart_drain_timeout = handover.RESTART_DRAIN_TIMEOUT
         self.released_listeners: list[tuple[str, str, int]] = []
 
     async def run(self) -> None:
@@ -86,7 +84,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_shutdown, f"received {sig.name}")
-        loop.add_signal_handler(signal.SIGHUP, self.request_restart, "received SIGHUP")
+        loop.add_signal_handler(signal.SIGHUP, self._restart_on_signal)
         # pyroute2 forks helper processes to enter network namespaces and ends them with SIGTERM.
         # A forked child shares the event loop's signal wake-up socket, so without this its
         # SIGTERM would reach the loop as the daemon's own and shut the daemon down.
@@ -94,7 +92,7 @@ class Daemon:
 
         inherited = handover.take_inherited()
         self.reconciler.inherited_listeners = inherited
-        inherited_note = f", {len(inherited)} endpoint listening sockets kept from the previous process" if inherited else ""
+        inherited_note = f", {_plural(len(inherited), 'endpoint listening socket')} kept from the previous process" if inherited else ""
         self.events.publish(
             "daemon.started",
             f"osvm daemon pid {os.getpid()} started on {self.state_dir} "
@@ -118,12 +116,11 @@ class Daemon:
             await self._shutdown.wait()
         finally:
             if self.restart_requested:
-                # First, so that new connections wait in the accept queues for the next process.
-                self.released_listeners = self.reconciler.release_listeners()
+                count = len(self.reconciler.endpoints)
                 self.events.publish(
                     "daemon.restarting",
-                    f"{self._shutdown_reason}: executing the daemon again; {len(self.released_listeners)} endpoints "
-                    f"keep listening and instances keep running",
+                    f"{self._shutdown_reason}: executing the daemon again with the listening sockets of "
+                    f"{_plural(count, 'endpoint')}; instances keep running",
                 )
             else:
                 self.events.publish("daemon.stopping", f"{self._shutdown_reason}: instances keep running and are adopted at the next start")
@@ -134,7 +131,9 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             if self.restart_requested:
-                await self.reconciler.finish_endpoints(RESTART_DRAIN_TIMEOUT)
+                # The endpoints served until now. New connections wait in the accept queues from here on.
+                self.released_listeners = self.reconciler.release_listeners()
+                await self.reconciler.finish_endpoints(self.restart_drain_timeout)
             else:
                 await self.reconciler.stop_endpoints()
             await self._detach_supervisors()
@@ -147,16 +146,38 @@ class Daemon:
                 self._lock_file.seek(0)
                 self._lock_file.truncate()
                 self._lock_file.flush()
-            logger.info("daemon stopped")
+            logger.info("daemon stopped to execute itself again" if self.restart_requested else "daemon stopped")
 
     def request_shutdown(self, reason: str) -> None:
         self._shutdown_reason = reason
         self._shutdown.set()
 
-    def request_restart(self, reason: str) -> None:
+    def request_restart(self, reason: str, drain_timeout: float = handover.RESTART_DRAIN_TIMEOUT) -> None:
         """Stop as for a shutdown, then execute the daemon again with the endpoints' listening sockets."""
         self.restart_requested = True
+        self.restart_drain_timeout = drain_timeout
         self.request_shutdown(reason)
+
+    def _restart_on_signal(self) -> None:
+        if self._restart_check is not None and not self._restart_check.done():
+            logger.info("received SIGHUP while the installed osvm is being checked for a restart: ignored")
+            return
+        self._restart_check = asyncio.create_task(self._restart_after_check(), name="restart-check")
+
+    async def _restart_after_check(self) -> None:
+        """Restart on SIGHUP once the installed osvm starts; otherwise keep running and publish the reason."""
+        problem = await handover.check_installed_code()
+        if problem:
+            self.events.publish(
+                "daemon.restart_failed",
+                f"received SIGHUP, but the daemon keeps running, because the installed osvm does not start: {problem}",
+                level=logging.ERROR,
+            )
+            return
+        rollouts = self.deployer.describe_running()
+        if rollouts:
+            self.events.publish("daemon.restart_rolls_back", f"received SIGHUP: rolling back {'; '.join(rollouts)}", level=logging.WARNING)
+        self.request_restart("received SIGHUP")
 
     def _add_microvm_runtime(self) -> None:
         """Offer runtime "microvm" when QEMU is installed, and log the reason when it is not."""
@@ -242,7 +263,11 @@ class Daemon:
         except PermissionError:
             raise DaemonError(f"cannot create the state directory {self.state_dir}: permission denied: choose another --state-dir") from None
         os.chmod(self.state_dir, 0o700)
-        self._lock_file = open(paths.pid_path(self.state_dir), "a+")
+        inherited_lock = handover.take_inherited_lock(str(paths.pid_path(self.state_dir)))
+        if inherited_lock is not None:
+            self._lock_file = os.fdopen(inherited_lock, "a+")
+        else:
+            self._lock_file = open(paths.pid_path(self.state_dir), "a+")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -256,11 +281,9 @@ class Daemon:
         self._lock_file.write(f"{os.getpid()}\n")
         self._lock_file.flush()
 
-    def close_lock(self) -> None:
-        """Release the state directory's lock, which the executed daemon takes again."""
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+    def lock_descriptor(self) -> int | None:
+        """Return the descriptor of the locked pid file, which the executed daemon inherits."""
+        return self._lock_file.fileno() if self._lock_file is not None else None
 
     def _live_log_paths(self) -> list[Path]:
         return [supervisor.plan.log_path for supervisor in self.reconciler.supervisors.values() if not supervisor.done]
@@ -293,9 +316,8 @@ def run_daemon(state_dir: Path, isolation: bool | None, subnet_pool: str, metric
         logger.error("%s", error)
         return 1
     if daemon.restart_requested:
-        daemon.close_lock()
         try:
-            handover.reexec(daemon.released_listeners)
+            handover.reexec(daemon.released_listeners, daemon.lock_descriptor())
         except OSError as error:
             logger.error(
                 "cannot execute the daemon again: %s: the endpoints stopped; start the daemon by hand, and it adopts the instances",
@@ -309,3 +331,7 @@ def _vm_status(runtime: object, plan: LaunchPlan) -> dict[str, Any] | None:
     """Return the accelerator, network and size of a VM instance, or None for other runtimes."""
     describe = getattr(runtime, "vm_status", None)
     return describe(plan) if describe is not None else None
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

@@ -129,6 +129,14 @@ class DeployManager:
     def is_running(self, component: str) -> bool:
         return component in self._running
 
+    def describe_running(self) -> list[str]:
+        """Describe each rollout in progress, such as "rollout 3 of rpc (revision 1 -> 2, verifying)"."""
+        return [
+            f"rollout {rollout.record.id} of {component} (revision {rollout.record.from_revision} -> "
+            f"{rollout.record.to_revision}, {rollout.record.state})"
+            for component, (rollout, _) in self._running.items()
+        ]
+
     # --- daemon restart ----------------------------------------------------------------------
 
     async def recover(self) -> None:

@@ -21,6 +21,7 @@ from osvm import paths
 from osvm.config.models import STORED_REVISION, Component, Deployment, Policy
 from osvm.daemon.handover import InheritedListener
 from osvm.endpoints import Backend, Endpoint, EndpointError
+from osvm.endpoints.listener import parse_listen, remove_socket_file
 from osvm.endpoints.tls import EndpointTls
 from osvm.reconcile import allocations
 from osvm.reconcile.certificates import TLS_DIR, CertificateManager
@@ -641,8 +642,7 @@ class Reconciler:
             return None
         if inherited.listen != listen:
             now = f"endpoint.listen is now {listen}" if listen else "the component has no endpoint now"
-            logger.info("endpoint %s: closed the listening socket of %s from the previous daemon: %s", name, inherited.listen, now)
-            inherited.sock.close()
+            self._close_inherited(inherited, now)
             return None
         return inherited.sock
 
@@ -653,9 +653,16 @@ class Reconciler:
             if component is not None and component.desired == RUNNING:
                 # The endpoint starts on it once the component converges.
                 continue
-            logger.info("endpoint %s: closed the listening socket of %s from the previous daemon: the component no longer runs", name, inherited.listen)
-            inherited.sock.close()
             del self.inherited_listeners[name]
+            self._close_inherited(inherited, f"the component is {component.desired if component else 'removed'}")
+
+    def _close_inherited(self, inherited: InheritedListener, reason: str) -> None:
+        """Close a listening socket from the previous daemon that no endpoint takes over, and its socket file."""
+        inherited.sock.close()
+        address = parse_listen(inherited.listen)
+        if address.is_unix:
+            remove_socket_file(address.path, None)
+        self.events.publish("endpoint.stopped", f"stopped listening on {inherited.listen} after the daemon restart: {reason}", inherited.component)
 
     def _runtime_of(self, record: InstanceRecord) -> Runtime:
         runtime = self.runtimes.get(record.runtime)
