@@ -53,11 +53,8 @@ class Client:
             return False
         holder = self.lock_holder()
         if holder is not None:
-            deadline = time.monotonic() + DAEMON_START_TIMEOUT
-            while time.monotonic() < deadline:
-                if self.is_running():
-                    return False
-                time.sleep(0.1)
+            if self._wait_running():
+                return False
             raise ClientError(
                 f"the daemon (pid {holder}) holds {self.state_dir} but timed out: no response on {self.socket} within "
                 f"{DAEMON_START_TIMEOUT:g} s: read its log, or stop it and run the command again"
@@ -73,15 +70,21 @@ class Client:
             env=dict(os.environ),
         )
         log.close()
+        if self._wait_running():
+            return True
+        raise ClientError(
+            f"the daemon did not respond on {self.socket} within {DAEMON_START_TIMEOUT:g} s: "
+            f"read {paths.daemon_log_path(self.state_dir)} for its errors"
+        )
+
+    def _wait_running(self) -> bool:
+        """Wait up to DAEMON_START_TIMEOUT for the daemon to respond, and return whether it did."""
         deadline = time.monotonic() + DAEMON_START_TIMEOUT
         while time.monotonic() < deadline:
             if self.is_running():
                 return True
             time.sleep(0.1)
-        raise ClientError(
-            f"the daemon did not respond on {self.socket} within {DAEMON_START_TIMEOUT:g} s: "
-            f"read {paths.daemon_log_path(self.state_dir)} for its errors"
-        )
+        return False
 
     def get(self, path: str, **params: Any) -> Any:
         return self._request("GET", path, params=params)
