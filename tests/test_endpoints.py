@@ -1074,6 +1074,21 @@ async def test_released_listener_serves_next_endpoint():
     assert old.clients == set()
 
 
+async def test_release_answers_queued_request_at_once():
+    async with running_endpoint([], queue_timeout=DEADLINE) as endpoint:
+        async with http_client(endpoint) as client:
+            request = asyncio.create_task(client.get("/name"))
+            await wait_until(lambda: endpoint.describe()["queued"] == 1, "the request waits for a backend")
+            descriptor = endpoint.release_listener()
+            try:
+                response = await request
+            finally:
+                os.close(descriptor)
+    assert response.status_code == 503
+    assert "when the daemon restarted" in response.json()["error"]
+    assert response.headers["connection"] == "close"
+
+
 async def test_released_listener_completes_started_response():
     head_sent = asyncio.Event()
     finish = asyncio.Event()

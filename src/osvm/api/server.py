@@ -388,12 +388,6 @@ class ApiServer:
         drain_timeout = body.get("drain_timeout", RESTART_DRAIN_TIMEOUT)
         if not isinstance(drain_timeout, (int, float)) or not 0 < drain_timeout <= MAX_RESTART_DRAIN_TIMEOUT:
             raise _HttpError(400, f"invalid drain_timeout {drain_timeout!r}: give seconds above 0 and at most {MAX_RESTART_DRAIN_TIMEOUT:g}")
-        rollouts = self.daemon.deployer.describe_running()
-        if rollouts and not force:
-            raise _HttpError(
-                409,
-                f"{'; '.join(rollouts)} in progress, which a restart rolls back: wait for it to end, or restart with --force",
-            )
         problem = await check_installed_code()
         if problem:
             raise _HttpError(
@@ -401,7 +395,14 @@ class ApiServer:
                 f"the daemon keeps running, because the installed osvm does not start: {problem}: "
                 f"fix the installation, then restart again",
             )
-        self.daemon.request_restart("restart requested through the API", float(drain_timeout))
+        # Checked after the import check, with no await before the restart, so no rollout starts in between.
+        rollouts = self.daemon.deployer.describe_running()
+        if rollouts and not force:
+            raise _HttpError(
+                409,
+                f"{'; '.join(rollouts)} in progress, which a restart rolls back: wait for it to end, or restart with --force",
+            )
+        self.daemon.request_restart_rolling_back("restart requested through the API", float(drain_timeout))
         return web.json_response({"restarting": True, "started_at": self.daemon.started_at, "pid": os.getpid()})
 
     # --- helpers -----------------------------------------------------------------------------

@@ -151,6 +151,8 @@ class Daemon:
     def request_shutdown(self, reason: str) -> None:
         self._shutdown_reason = reason
         self._shutdown.set()
+        if hasattr(self, "deployer"):
+            self.deployer.stopping_reason = "restarting" if self.restart_requested else "stopping"
 
     def request_restart(self, reason: str, drain_timeout: float = handover.RESTART_DRAIN_TIMEOUT) -> None:
         """Stop as for a shutdown, then execute the daemon again with the endpoints' listening sockets."""
@@ -174,10 +176,14 @@ class Daemon:
                 level=logging.ERROR,
             )
             return
+        self.request_restart_rolling_back("received SIGHUP")
+
+    def request_restart_rolling_back(self, reason: str, drain_timeout: float = handover.RESTART_DRAIN_TIMEOUT) -> None:
+        """Publish the rollouts that the restart rolls back, if any, then restart."""
         rollouts = self.deployer.describe_running()
         if rollouts:
-            self.events.publish("daemon.restart_rolls_back", f"received SIGHUP: rolling back {'; '.join(rollouts)}", level=logging.WARNING)
-        self.request_restart("received SIGHUP")
+            self.events.publish("daemon.restart_rolls_back", f"{reason}: rolling back {'; '.join(rollouts)}", level=logging.WARNING)
+        self.request_restart(reason, drain_timeout)
 
     def _add_microvm_runtime(self) -> None:
         """Offer runtime "microvm" when QEMU is installed, and log the reason when it is not."""

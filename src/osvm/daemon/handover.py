@@ -137,7 +137,7 @@ def reexec(listeners: list[tuple[str, str, int]], lock_fd: int | None) -> NoRetu
         environ[LOCK_VARIABLE] = str(lock_fd)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     argv = [sys.executable, "-m", "osvm", *sys.argv[1:]]
-    logger.info("executing %s with %d endpoint listening sockets kept open", " ".join(argv), len(listeners))
+    logger.info("executing %s with the listening sockets of %d endpoint(s) kept open", " ".join(argv), len(listeners))
     for handler in logging.getLogger().handlers:
         handler.flush()
     os.execve(sys.executable, argv, environ)

@@ -37,6 +37,8 @@ class DeployManager:
         self.events = events
         self.fleet = fleet
         self._running: dict[str, tuple[Rollout, asyncio.Task[None]]] = {}
+        # Set by the daemon when it stops or restarts: a rollout started then would be rolled back at once.
+        self.stopping_reason = ""
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -99,6 +101,8 @@ class DeployManager:
 
     def start(self, component: str, from_revision: int, to_revision: int, spec: Component, trigger: str) -> RolloutRecord:
         """Start a rollout task and return its record."""
+        if self.stopping_reason:
+            raise DeployError(f"the daemon is {self.stopping_reason}, so no rollout starts now: run the command again in a few seconds", 503)
         self._reject_if_running(component)
         blue = [instance_id for instance_id in self._serving_instances(component)]
         record = RolloutRecord(

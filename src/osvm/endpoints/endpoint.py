@@ -168,12 +168,18 @@ class Endpoint:
         """Stop accepting and return a duplicate of the listening socket's descriptor, for the next daemon.
 
         Connections that arrive afterwards wait in the kernel's accept queue. The socket file of a
-        Unix socket endpoint stays. Call finish_clients() next.
+        Unix socket endpoint stays. HTTP client connections close after their next response, and
+        requests waiting for a backend get 503. Call finish_clients() next.
         """
         server = self._server
         assert server is not None, "the endpoint is not started"
         descriptor = os.dup(server.sockets[0].fileno())
         self.handing_over = True
+        for client in self.clients:
+            if isinstance(client, HttpClientProtocol):
+                client.close_after_response()
+        # No backend can join the set before the restart, so requests waiting for one end now.
+        self._wake_waiters()
         # stop() must not remove the socket file, which the next daemon keeps serving.
         self._socket_identity = (-1, -1)
         if isinstance(server, TlsListener):
@@ -193,9 +199,7 @@ class Endpoint:
         loop = self.loop
         deadline = loop.time() + timeout
         for client in list(self.clients):
-            if isinstance(client, HttpClientProtocol):
-                client.close_after_response()
-            else:
+            if isinstance(client, TcpClientProtocol):
                 client.close_for_stop()
         while self.clients and loop.time() < deadline:
             idle_before = loop.time() - HANDOVER_IDLE_GRACE
@@ -205,8 +209,8 @@ class Endpoint:
             await asyncio.sleep(0.02)
         if self.clients:
             self.logger.warning(
-                "endpoint %s: %d client connections still open after %gs of the daemon restart: closing them",
-                self.component, len(self.clients), timeout,
+                "endpoint %s: closing the client connections still open after %gs of the daemon restart: %d",
+                self.component, timeout, len(self.clients),
             )
         await self.stop()
 
@@ -332,7 +336,7 @@ class Endpoint:
             choice.deadline = loop.time() + self.queue_timeout
         self._queued += 1
         try:
-            while not self.stopping:
+            while not self.stopping and not self.handing_over:
                 retry_at = choice.deadline
                 if choice.excluded and self._current:
                     pause = min(CONNECT_RETRY_MAX, CONNECT_RETRY_INITIAL * 2**choice.rounds)
@@ -340,7 +344,7 @@ class Endpoint:
                 state = await self._wait_for_change(choice.excluded, retry_at)
                 if state is not None:
                     return state
-                if self.stopping or loop.time() >= choice.deadline:
+                if self.stopping or self.handing_over or loop.time() >= choice.deadline:
                     return None
                 choice.excluded.clear()
                 choice.rounds += 1
@@ -353,7 +357,7 @@ class Endpoint:
 
     async def _wait_for_change(self, excluded: AbstractSet[BackendState], until: float) -> BackendState | None:
         """Wait until set_backends() provides a backend that is not excluded, up to `until` (loop time)."""
-        while not self.stopping:
+        while not self.stopping and not self.handing_over:
             changed = self._backends_changed
             try:
                 async with asyncio.timeout_at(until):

@@ -657,7 +657,10 @@ class HttpClientProtocol(asyncio.Protocol):
             )
             return self._respond_error(request, 502, message, request.keep_alive)
         endpoint.count_unavailable()
-        message = f"no healthy instance of {endpoint.component} within {endpoint.queue_timeout:g}s"
+        if endpoint.handing_over:
+            message = f"no healthy instance of {endpoint.component} was in rotation when the daemon restarted: retry"
+        else:
+            message = f"no healthy instance of {endpoint.component} within {endpoint.queue_timeout:g}s"
         return self._respond_error(request, 503, message, request.keep_alive)
 
     def _respond_error(self, request: HttpRequest, status: int, message: str, keep_alive: bool) -> bool:
