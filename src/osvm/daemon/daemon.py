@@ -156,6 +156,10 @@ class Daemon:
 
     def request_restart(self, reason: str, drain_timeout: float = handover.RESTART_DRAIN_TIMEOUT) -> None:
         """Stop as for a shutdown, then execute the daemon again with the endpoints' listening sockets."""
+        if self._shutdown.is_set():
+            # A stop or restart is already under way, and it decides what happens.
+            logger.info("ignored a restart (%s): the daemon is already stopping", reason)
+            return
         self.restart_requested = True
         self.restart_drain_timeout = drain_timeout
         self.request_shutdown(reason)
