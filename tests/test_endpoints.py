@@ -1115,7 +1115,7 @@ async def test_released_listener_completes_started_response():
     try:
         async with running_endpoint([backend]) as endpoint:
             async with http_client(endpoint) as client:
-                held = asyncio.create_task(client.get("/held"))
+                held_request = asyncio.create_task(client.get("/held"))
                 await asyncio.wait_for(head_sent.wait(), DEADLINE)
                 await wait_until(
                     lambda: any(connection.upstream is not None and connection.upstream.headers_done for connection in endpoint.clients),
@@ -1124,7 +1124,7 @@ async def test_released_listener_completes_started_response():
                 descriptor = endpoint.release_listener()
                 finishing = asyncio.create_task(endpoint.finish_clients(DEADLINE))
                 finish.set()
-                first = await held
+                first = await held_request
                 # The head announced keep-alive, so the connection stays for one more request.
                 second = await client.get("/other")
                 await finishing

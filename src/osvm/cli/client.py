@@ -56,7 +56,7 @@ class Client:
             if self._wait_running():
                 return False
             raise ClientError(
-                f"the daemon (pid {holder}) holds {self.state_dir} but timed out: no response on {self.socket} within "
+                f"the daemon (pid {holder}) locks {self.state_dir} but did not respond on {self.socket} within "
                 f"{DAEMON_START_TIMEOUT:g} s: read its log, or stop it and run the command again"
             )
         self.state_dir.mkdir(parents=True, exist_ok=True)

@@ -92,7 +92,7 @@ def take_inherited(environ: dict[str, str] | None = None) -> dict[str, Inherited
             logger.error("endpoint %s: inherited file descriptor %d for %s is not a listening stream socket", component, fd, listen)
             sock.close()
             continue
-        # The sockets passed on by a later restart are made inheritable again on purpose.
+        # Not passed to child processes. reexec() makes it inheritable again for the next restart.
         sock.set_inheritable(False)
         inherited[component] = InheritedListener(component, listen, sock)
     return inherited

@@ -143,7 +143,7 @@ class BackendState:
 class BackendChoice:
     """The backends one request or client connection has tried, and how long it may go on trying.
 
-    `excluded` holds the backends whose connect failed in the current round, `failure` describes
+    `excluded` contains the backends whose connect failed in the current round, `failure` describes
     the last failure, `deadline` is the loop time at which it gives up (0 until it first waits),
     and `rounds` counts the rounds after every backend of the set had failed.
     """

@@ -5,7 +5,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Set as AbstractSet
+from collections.abc import Callable, Set as AbstractSet
 
 from osvm.config import models
 from osvm.endpoints.backends import Backend, BackendChoice, BackendState, format_host_port
@@ -146,7 +146,7 @@ class Endpoint:
             self.component, self.listen_address, self.spec.mode, self.spec.balance,
         )
 
-    async def _serve_inherited(self, sock: socket.socket, path: str, factory) -> None:
+    async def _serve_inherited(self, sock: socket.socket, path: str, factory: Callable[[], asyncio.Protocol]) -> None:
         """Accept connections on a listening socket from the previous daemon process."""
         sock.setblocking(False)
         if self.tls is not None:
@@ -209,7 +209,7 @@ class Endpoint:
             await asyncio.sleep(0.02)
         if self.clients:
             self.logger.warning(
-                "endpoint %s: closing the client connections still open after %gs of the daemon restart: %d",
+                "endpoint %s: drain timed out after %gs of the daemon restart: closing %d client connection(s)",
                 self.component, timeout, len(self.clients),
             )
         await self.stop()

@@ -549,7 +549,9 @@ class Reconciler:
         if spec.endpoint is None:
             if existing is not None:
                 await self._stop_endpoint(name)
-            self._take_inherited_listener(name, "")
+            inherited = self.inherited_listeners.pop(name, None)
+            if inherited is not None:
+                self._close_inherited(inherited, "the component has no endpoint now")
             return
         if existing is not None and existing.spec == spec.endpoint:
             return
@@ -641,8 +643,7 @@ class Reconciler:
         if inherited is None:
             return None
         if inherited.listen != listen:
-            now = f"endpoint.listen is now {listen}" if listen else "the component has no endpoint now"
-            self._close_inherited(inherited, now)
+            self._close_inherited(inherited, f"endpoint.listen is now {listen}")
             return None
         return inherited.sock
 
