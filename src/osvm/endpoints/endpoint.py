@@ -190,11 +190,11 @@ class Endpoint:
         return descriptor
 
     async def finish_clients(self, timeout: float) -> None:
-        """Finish the client connections after release_listener(), then stop.
+        """Wait for the client connections to end after release_listener(), then stop.
 
-        Requests in flight get their responses with "Connection: close". An idle HTTP connection
-        may send one more request within HANDOVER_IDLE_GRACE of its last response. Tunnels (TCP mode and WebSocket) are
-        closed at once, and whatever is still open after `timeout` is closed by stop().
+        HTTP connections end after their next response. An idle one that sends no request within
+        HANDOVER_IDLE_GRACE of its last response is closed. TCP-mode connections are closed at
+        once, and whatever is still open after `timeout` is closed by stop().
         """
         loop = self.loop
         deadline = loop.time() + timeout
